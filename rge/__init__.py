@@ -1,0 +1,17 @@
+"""rge: Reasoning Guided Embeddings for text and images.
+
+>>> from rge import RGEEncoder
+>>> encoder = RGEEncoder.from_pretrained("MCG-NJU/RGE")               # doctest: +SKIP
+>>> queries = encoder.encode_query(["What is in the image?"], images=[photo])   # doctest: +SKIP
+>>> documents = encoder.encode_document(["A cat and a dog.", "A cat and a tiger."])  # doctest: +SKIP
+>>> encoder.similarity(queries, documents)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .encoder import RGEEncoder, Rationales
+from .errors import RGECheckpointError, RGEInputError
+
+__all__ = ["RGECheckpointError", "RGEEncoder", "RGEInputError", "Rationales", "__version__"]

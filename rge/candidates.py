@@ -1,0 +1,37 @@
+"""The candidate path: prompt + ``<emb>``, one batched forward, the state at ``<emb>``; no logits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .batching import ModelBatch, TokenizedItem, length_sorted_batches
+from .modeling import build_position_ids, forward_prompts
+from .pooling import gather_at_token
+
+
+def embed_candidates(
+    model: Any,
+    items: Sequence[TokenizedItem],
+    make_batch: Callable[[Sequence[TokenizedItem]], ModelBatch],
+    emb_token_id: int,
+    batch_size: int,
+    progress: bool,
+) -> torch.Tensor:
+    """Embeddings (N, D, float32, not normalised) of ``items`` in their index order.
+
+    Batches are formed longest-first so rows of a batch have similar lengths; only the inner model runs.
+    """
+    hidden_size = model.config.text_config.hidden_size
+    out = torch.empty((len(items), hidden_size), dtype=torch.float32)
+    with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="documents", unit="item") as bar:
+        for rows in length_sorted_batches(items, batch_size):
+            batch = make_batch(rows)
+            hidden = forward_prompts(model, batch, build_position_ids(model, batch))
+            pooled = gather_at_token(hidden, batch.input_ids, emb_token_id)
+            out[[row.index for row in rows]] = pooled.float().cpu()
+            bar.update(len(rows))
+    return out

@@ -1,0 +1,188 @@
+"""The query path: batched greedy rationale decoding that captures ``<emb>`` in the step that feeds it.
+
+One running batch shares a KV cache. Each step feeds every row its last generated token with explicit
+3-D positions (last + 1 on all four rows, as ``generate`` does) and reads the final-norm hidden state.
+A row whose fed token is ``<emb>``, or whose fed token is its ``max_new_tokens``-th, is finished: that
+hidden state is its embedding, exactly the one the reference's extra forward pass computes. Finished
+rows leave the cache at once, left columns that are padding for every remaining row are trimmed, and
+logits are computed only for rows still decoding. With admission on, waiting queries are prefilled
+and merged into the running batch when enough rows have left, as continuous-batching servers do.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .batching import ModelBatch, TokenizedItem
+from .modeling import build_position_ids, forward_prompts
+
+
+@dataclass
+class DecodeResult:
+    """Per item, in index order: the embedding (not normalised) and the generated token ids."""
+
+    embeddings: torch.Tensor
+    generated: list[list[int]]
+
+
+@dataclass
+class _Running:
+    """The rows being decoded together and their shared state."""
+
+    cache: Any
+    attention_mask: torch.Tensor  # (R, T)
+    next_positions: torch.Tensor  # (4, R): positions of the token each row feeds next
+    next_tokens: torch.Tensor  # (R,): the token each row feeds next
+    indices: torch.Tensor  # (R,): item index of each row
+    counts: torch.Tensor  # (R,): tokens generated so far (next_tokens included)
+
+    @property
+    def size(self) -> int:
+        return int(self.indices.shape[0])
+
+
+class ReasoningDecoder:
+    """Greedy decoding of many queries at once; see the module docstring for the algorithm.
+
+    ``batch_size`` bounds the rows decoded together (and so the KV cache). ``admission`` lets waiting
+    queries join the running batch once at least ``admit_fraction`` of it is free.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        make_batch: Callable[[Sequence[TokenizedItem]], ModelBatch],
+        emb_token_id: int,
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        admission: bool = True,
+        admit_fraction: float = 0.25,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model = model
+        self.make_batch = make_batch
+        self.emb_token_id = emb_token_id
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.admission = admission
+        self.admit_at = max(1, int(batch_size * admit_fraction))
+
+    def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
+        """Decode all ``items``; waiting queries are taken longest prompt first."""
+        device = self.model.device
+        hidden_size = self.model.config.text_config.hidden_size
+        self._embeddings = torch.empty((len(items), hidden_size), dtype=torch.float32, device=device)
+        self._tokens = torch.full((len(items), self.max_new_tokens), -1, dtype=torch.long, device=device)
+        waiting = deque(sorted(items, key=lambda item: (-len(item), item.index)))
+        running: _Running | None = None
+        with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="queries", unit="item") as bar:
+            while waiting or running is not None:
+                free = self.batch_size - (running.size if running is not None else 0)
+                if waiting and (running is None or (self.admission and free >= self.admit_at)):
+                    newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                    running = _merge(running, self._prefill(newcomers))
+                assert running is not None
+                running, finished = self._step(running)
+                bar.update(finished)
+        generated = [row[row >= 0].tolist() for row in self._tokens.cpu()]
+        return DecodeResult(self._embeddings.cpu(), generated)
+
+    def _next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy choice from the last-position hidden states (R, D): logits for those rows only."""
+        return self.model.lm_head(hidden).argmax(dim=-1)
+
+    def _prefill(self, rows: Sequence[TokenizedItem]) -> _Running:
+        from transformers import DynamicCache
+
+        batch = self.make_batch(rows)
+        positions = build_position_ids(self.model, batch)
+        cache = DynamicCache(config=self.model.config)
+        hidden = forward_prompts(self.model, batch, positions, cache)
+        first = self._next_tokens(hidden[:, -1])
+        indices = torch.tensor([row.index for row in rows], device=first.device)
+        self._tokens[indices, 0] = first
+        return _Running(
+            cache=cache,
+            attention_mask=batch.attention_mask,
+            next_positions=positions[:, :, -1] + 1,
+            next_tokens=first,
+            indices=indices,
+            counts=torch.ones_like(first),
+        )
+
+    def _step(self, running: _Running) -> tuple[_Running | None, int]:
+        """Feed each row its next token; capture finished rows, drop them, choose the others' next token."""
+        mask = F.pad(running.attention_mask, (0, 1), value=1)
+        hidden = self.model.model(
+            input_ids=running.next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=running.next_positions[:, :, None],
+            past_key_values=running.cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        done = (running.next_tokens == self.emb_token_id) | (running.counts >= self.max_new_tokens)
+        running.attention_mask = mask
+        running.next_positions = running.next_positions + 1
+        finished = int(done.sum())
+        if finished:
+            self._embeddings[running.indices[done]] = hidden[done].float()
+            if finished == running.size:
+                return None, finished
+            keep = (~done).nonzero().squeeze(1)
+            hidden = hidden[keep]
+            _select_rows(running, keep)
+        running.next_tokens = self._next_tokens(hidden)
+        self._tokens[running.indices, running.counts] = running.next_tokens
+        running.counts = running.counts + 1
+        return running, finished
+
+
+def _select_rows(running: _Running, keep: torch.Tensor) -> None:
+    """Keep only rows ``keep`` in the cache and row state; trim columns that are padding for all rows."""
+    running.cache.batch_select_indices(keep)
+    running.attention_mask = running.attention_mask[keep]
+    running.next_positions = running.next_positions[:, keep]
+    running.next_tokens = running.next_tokens[keep]
+    running.indices = running.indices[keep]
+    running.counts = running.counts[keep]
+    first_used = int(running.attention_mask.any(dim=0).int().argmax())
+    if first_used:
+        running.attention_mask = running.attention_mask[:, first_used:]
+        for layer in running.cache.layers:
+            layer.keys = layer.keys[:, :, first_used:]
+            layer.values = layer.values[:, :, first_used:]
+
+
+def _merge(running: _Running | None, newcomers: _Running) -> _Running:
+    """One batch from two: the shorter cache is left-padded (masked) to the longer one's width."""
+    if running is None:
+        return newcomers
+    width = max(running.attention_mask.shape[1], newcomers.attention_mask.shape[1])
+
+    def left_pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - tensor.shape[dim]
+        if not missing:
+            return tensor
+        pad = [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]
+        return F.pad(tensor, pad)
+
+    for old, new in zip(running.cache.layers, newcomers.cache.layers):
+        old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)])
+        old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)])
+    return _Running(
+        cache=running.cache,
+        attention_mask=torch.cat([left_pad(running.attention_mask, 1), left_pad(newcomers.attention_mask, 1)]),
+        next_positions=torch.cat([running.next_positions, newcomers.next_positions], dim=1),
+        next_tokens=torch.cat([running.next_tokens, newcomers.next_tokens]),
+        indices=torch.cat([running.indices, newcomers.indices]),
+        counts=torch.cat([running.counts, newcomers.counts]),
+    )

@@ -1,0 +1,209 @@
+"""RGEEncoder: the public face of rge, with the sentence-transformers contract users know."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, Literal, overload
+
+import numpy as np
+import torch
+
+from .batching import TokenizedItem, Tokenizer, collate
+from .candidates import embed_candidates
+from .decoding import ReasoningDecoder
+from .errors import RGEInputError
+from .inputs import Item, normalize_inputs
+from .loading import LoadedCheckpoint, choose_attention, choose_device, choose_dtype, load_checkpoint, resolve_checkpoint
+from .pooling import l2_normalize
+from .prompts import EMB_TOKEN
+from .types import Embeddings, EncodeInput, ImageInput
+
+
+class Rationales(list[str]):
+    """The rationales of an ``encode`` call, in input order ("" on the candidate path).
+
+    ``num_generated_tokens`` holds, per item, how many tokens the query path generated (``<emb>``
+    included when it was emitted; 0 on the candidate path).
+    """
+
+    def __init__(self, texts: Sequence[str], num_generated_tokens: Sequence[int]) -> None:
+        super().__init__(texts)
+        self.num_generated_tokens = list(num_generated_tokens)
+
+
+class RGEEncoder:
+    """Encodes text, images and text+image items with an RGE checkpoint.
+
+    Queries reason first (greedy rationale ending in ``<emb>``; the embedding is the hidden state of
+    ``<emb>``); documents take the candidate path (``<emb>`` appended, one forward pass).
+    """
+
+    def __init__(self, checkpoint: LoadedCheckpoint, *, max_new_tokens: int = 128) -> None:
+        self.checkpoint = checkpoint
+        self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        self._tokenize = Tokenizer(checkpoint.tokenizer, checkpoint.vision, checkpoint.image_pad_id)
+        self._make_batch = functools.partial(
+            collate, pad_id=checkpoint.pad_token_id, image_pad_id=checkpoint.image_pad_id, vision=checkpoint.vision
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_new_tokens: int = 128,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> RGEEncoder:
+        """Load a hub id (``"MCG-NJU/RGE"``, downloaded via huggingface-hub) or a local directory.
+
+        Defaults: CUDA if available else CPU; bf16 on CUDA, fp32 on CPU; flash-attention 2 when it
+        imports on CUDA, else sdpa; 256*28*28 to 1024*28*28 pixels per image (the paper's budget).
+        """
+        resolved_device = choose_device(device)
+        path = resolve_checkpoint(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        checkpoint = load_checkpoint(
+            path,
+            device=resolved_device,
+            dtype=choose_dtype(dtype, resolved_device),
+            attn_implementation=choose_attention(attn_implementation, resolved_device),
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        return cls(checkpoint, max_new_tokens=max_new_tokens)
+
+    @property
+    def model(self) -> Any:
+        """The underlying ``Qwen2_5_VLForConditionalGeneration``."""
+        return self.checkpoint.model
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding vectors (the language model's hidden size)."""
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype  # type: ignore[no-any-return]
+
+    def encode(
+        self,
+        texts: EncodeInput,
+        images: Sequence[ImageInput | None] | ImageInput | None = None,
+        reason: bool = True,
+        batch_size: int = 16,
+        normalize: bool = True,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        return_rationales: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> Any:
+        """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a list of them) with their ``images``.
+
+        ``reason=True`` takes the query path, ``reason=False`` the candidate path. Returns float32 (N, D)
+        in input order (1-D for a single input), numpy unless ``convert_to_tensor`` or
+        ``convert_to_numpy=False``; with ``return_rationales=True``, ``(embeddings, Rationales)``.
+        """
+        if not isinstance(reason, bool):
+            raise RGEInputError(f"reason must be a bool, got {type(reason).__name__}")
+        batch_size = _positive_int(batch_size, "batch_size")
+        budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
+        items, single = normalize_inputs(texts, images)  # type: ignore[arg-type]
+        tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
+        progress = show_progress_bar if show_progress_bar is not None else len(items) > batch_size
+        if not items:
+            embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
+        elif reason:
+            embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
+        else:
+            embeddings = self._encode_candidates(tokenized, batch_size, progress)
+            rationales = Rationales([""] * len(items), [0] * len(items))
+        result = _convert(
+            l2_normalize(embeddings) if normalize else embeddings, single, convert_to_numpy, convert_to_tensor
+        )
+        if return_rationales:
+            return result, (rationales[0] if single else rationales)
+        return result
+
+    def encode_query(self, texts: EncodeInput, images: Any = None, **kwargs: Any) -> Any:
+        """``encode`` on the query path: each item reasons before it is embedded."""
+        return self.encode(texts, images, reason=kwargs.pop("reason", True), **kwargs)
+
+    def encode_document(self, texts: EncodeInput, images: Any = None, **kwargs: Any) -> Any:
+        """``encode`` on the candidate path (no reasoning) unless ``reason=True`` is given."""
+        return self.encode(texts, images, reason=kwargs.pop("reason", False), **kwargs)
+
+    @overload
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
+    @overload
+    def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings: ...
+    def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings:
+        """Cosine similarity matrix (len(a), len(b)); numpy in gives numpy out, a tensor gives a tensor."""
+        left, right = (l2_normalize(torch.as_tensor(x).float().reshape(-1, self.embedding_dim)) for x in (a, b))
+        scores = left @ right.T
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return scores
+        return scores.numpy()
+
+    def _prompt(self, item: Item, reason: bool) -> str:
+        template = self.checkpoint.template
+        return template.query(item.text) if reason else template.candidate(item.text)
+
+    def _encode_candidates(self, items: list[TokenizedItem], batch_size: int, progress: bool) -> torch.Tensor:
+        return embed_candidates(
+            self.model, items, self._model_batch, self.checkpoint.emb_token_id, batch_size, progress
+        )
+
+    def _encode_reasoning(
+        self, items: list[TokenizedItem], batch_size: int, budget: int, progress: bool, admission: bool = True
+    ) -> tuple[torch.Tensor, Rationales]:
+        decoder = ReasoningDecoder(
+            self.model,
+            self._model_batch,
+            self.checkpoint.emb_token_id,
+            max_new_tokens=budget,
+            batch_size=batch_size,
+            admission=admission,
+        )
+        result = decoder.run(items, progress)
+        texts = [self._rationale_text(tokens) for tokens in result.generated]
+        return result.embeddings, Rationales(texts, [len(tokens) for tokens in result.generated])
+
+    def _rationale_text(self, tokens: list[int]) -> str:
+        if tokens and tokens[-1] == self.checkpoint.emb_token_id:
+            tokens = tokens[:-1]
+        text: str = self.checkpoint.tokenizer.decode(tokens, skip_special_tokens=False)
+        return text.replace(EMB_TOKEN, "")
+
+    def _model_batch(self, rows: Sequence[TokenizedItem]) -> Any:
+        return self._make_batch(rows).to(self.device, self.dtype)
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RGEInputError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _convert(embeddings: torch.Tensor, single: bool, to_numpy: bool, to_tensor: bool) -> Embeddings:
+    if single:
+        embeddings = embeddings[0]
+    if to_tensor or not to_numpy:
+        return embeddings
+    return embeddings.numpy()

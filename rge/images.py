@@ -1,0 +1,106 @@
+"""Images: decoding user images and turning them into Qwen2.5-VL patches under a pixel budget."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import RGEInputError
+from .types import ImageInput
+
+MIN_SIDE = 28
+"""Images with a side under this are resized up to it on that side first, as the reference does."""
+
+DEFAULT_MIN_PIXELS = 256 * 28 * 28
+DEFAULT_MAX_PIXELS = 1024 * 28 * 28
+"""The paper's evaluation budget: 256 to 1024 visual tokens per image."""
+
+
+def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) -> Image.Image:
+    """Decode ``image`` fully (so that corrupt data fails here) and upsize sides under 28 px.
+
+    Raises RGEInputError naming ``index`` for a missing, unreadable, empty or unsupported image.
+    """
+    if isinstance(image, Image.Image):
+        opened = image
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise RGEInputError(f"image file not found: {str(path)!r}", index)
+        opened = _open(path, index, f"image file {str(path)!r}")
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        opened = _open(io.BytesIO(bytes(image)), index, "image bytes")
+    else:
+        raise RGEInputError(
+            f"unsupported image type {type(image).__name__}; expected a PIL image, a path or bytes", index
+        )
+    if opened.width == 0 or opened.height == 0:
+        raise RGEInputError(f"image has zero size ({opened.width}x{opened.height})", index)
+    if exif_transpose:
+        opened = ImageOps.exif_transpose(opened)
+    return upsize_small_sides(opened)
+
+
+def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:
+    try:
+        opened = Image.open(source)
+        opened.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise RGEInputError(f"{what} cannot be decoded as an image ({exc})", index) from None
+    return opened
+
+
+def upsize_small_sides(image: Image.Image) -> Image.Image:
+    """Resize a side under 28 px up to 28, width first then height, as the authors' evaluation does."""
+    if image.width < MIN_SIDE:
+        image = image.resize((MIN_SIDE, image.height))
+    if image.height < MIN_SIDE:
+        image = image.resize((image.width, MIN_SIDE))
+    return image
+
+
+class VisionPreprocessor:
+    """The checkpoint's image processor with the pixel budget applied on every call.
+
+    Some transformers versions ignore ``min_pixels``/``max_pixels`` given at load time; passing the size
+    (``shortest_edge``/``longest_edge`` in pixels) with each call makes the cap real.
+    """
+
+    def __init__(self, image_processor: Any, min_pixels: int, max_pixels: int) -> None:
+        if not 0 < min_pixels <= max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
+        self.image_processor = image_processor
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.patch_size: int = image_processor.patch_size
+        self.merge_size: int = image_processor.merge_size
+
+    def token_count(self, image: Image.Image, index: int) -> int:
+        """Visual tokens the model will see for ``image`` (after 2x2 merging), from its size alone."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        try:
+            height, width = smart_resize(
+                image.height,
+                image.width,
+                factor=self.patch_size * self.merge_size,
+                min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels,
+            )
+        except ValueError as exc:
+            raise RGEInputError(f"image of size {image.width}x{image.height} is not usable: {exc}", index) from None
+        return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
+
+    def __call__(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches of all ``images`` concatenated, and their (t, h, w) grids, one row per image."""
+        out = self.image_processor(
+            images=images,
+            size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            return_tensors="pt",
+        )
+        return out["pixel_values"], out["image_grid_thw"]

@@ -1,0 +1,87 @@
+"""User inputs -> validated items (text with its image placed, decoded image), before any model work."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .errors import RGEInputError
+from .images import load_image
+from .prompts import EMB_TOKEN, count_image_slots, place_image
+from .types import EncodeInput, ImageInput
+
+_ITEM_KEYS = frozenset({"text", "image"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input ready for prompting: its user text (vision block in place) and its decoded image."""
+
+    text: str
+    image: Image.Image | None
+
+
+def normalize_inputs(
+    texts: EncodeInput, images: Sequence[ImageInput | None] | None = None
+) -> tuple[list[Item], bool]:
+    """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
+
+    Every problem raises RGEInputError naming the item index, before any image is sent to the model.
+    """
+    single = isinstance(texts, (str, dict))
+    entries = [texts] if single else texts
+    if not isinstance(entries, (list, tuple)):
+        raise RGEInputError(
+            f"texts must be a str, a dict or a list of them, got {type(texts).__name__}"
+        )
+    pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
+    if images is not None:
+        pairs = _attach_images(pairs, [images] if single and not isinstance(images, list) else images)
+    return [_make_item(text, image, index) for index, (text, image) in enumerate(pairs)], single
+
+
+def _split_entry(entry: object, index: int) -> tuple[str, ImageInput | None]:
+    if isinstance(entry, dict):
+        unknown = set(entry) - _ITEM_KEYS
+        if unknown:
+            raise RGEInputError(f"unknown keys {sorted(unknown)} in item dict; allowed: 'text', 'image'", index)
+        text = entry.get("text", "")
+        return _check_text(text, index), entry.get("image")
+    return _check_text(entry, index), None
+
+
+def _check_text(text: object, index: int) -> str:
+    if text is None:
+        raise RGEInputError("text is None", index)
+    if not isinstance(text, str):
+        raise RGEInputError(f"text must be a str, got {type(text).__name__}", index)
+    if EMB_TOKEN in text:
+        raise RGEInputError(f"text contains the reserved token {EMB_TOKEN}", index)
+    return text
+
+
+def _attach_images(
+    pairs: list[tuple[str, ImageInput | None]], images: Sequence[ImageInput | None]
+) -> list[tuple[str, ImageInput | None]]:
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise RGEInputError(f"images must be a list (one entry per text), got {type(images).__name__}")
+    if len(images) != len(pairs):
+        raise RGEInputError(f"got {len(pairs)} texts but {len(images)} images; give one image entry (or None) per text")
+    attached = []
+    for index, ((text, own_image), image) in enumerate(zip(pairs, images)):
+        if own_image is not None and image is not None:
+            raise RGEInputError("image given both in the item dict and in images", index)
+        attached.append((text, own_image if own_image is not None else image))
+    return attached
+
+
+def _make_item(text: str, image: ImageInput | None, index: int) -> Item:
+    slots = count_image_slots(text)
+    if slots > 1:
+        raise RGEInputError(f"text has {slots} image markers but an item holds at most one image", index)
+    if slots == 1 and image is None:
+        raise RGEInputError("text has an image marker but no image was given", index)
+    decoded = None if image is None else load_image(image, index)
+    return Item(text=place_image(text, decoded is not None), image=decoded)

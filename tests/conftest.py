@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from rge import RGEEncoder
+from rge.testing import build_tiny_checkpoint, make_test_image
+
+from .reference import Reference
+
+# Small pixel budget for speed; the default budget has tests of its own.
+MIN_PIXELS = 4 * 28 * 28
+MAX_PIXELS = 64 * 28 * 28
+BUDGET = 32
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny5"), emb_budget=BUDGET)
+
+
+@pytest.fixture(scope="session")
+def tiny_legacy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny4"), layout="transformers4", emb_budget=BUDGET)
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_path: Path) -> RGEEncoder:
+    return RGEEncoder.from_pretrained(
+        tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=BUDGET
+    )
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_path: Path) -> Reference:
+    return Reference.load(tiny_path, MIN_PIXELS, MAX_PIXELS)
+
+
+@pytest.fixture(scope="session")
+def mixed_items() -> list[tuple[str, object]]:
+    """Texts with and without images of different sizes and aspect ratios."""
+    return [
+        ("What is in the image?", make_test_image(64, 48, seed=1)),
+        ("cat", None),
+        ("Find the caption of this photo.", make_test_image(200, 90, seed=2)),
+        ("dog and tiger", None),
+        ("Which animal is on the left side of the picture?", make_test_image(30, 120, seed=3)),
+        ("How many people are standing in the kitchen, and what are they cooking for dinner tonight?", None),
+        ("<|image_1|>\nRepresent the given image.", make_test_image(20, 90, seed=4)),
+        ("Summarize: a red car parked by a tree near the river.", None),
+        ("", make_test_image(333, 222, seed=5)),
+        ("Is the umbrella red or blue?", None),
+    ]
