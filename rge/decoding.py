@@ -33,6 +33,14 @@ class DecodeResult:
 
 
 @dataclass
+class _Outputs:
+    """Where finished rows land: embeddings and generated tokens (-1 where none), by item index."""
+
+    embeddings: torch.Tensor  # (N, D) float32
+    tokens: torch.Tensor  # (N, max_new_tokens)
+
+
+@dataclass
 class _Running:
     """The rows being decoded together and their shared state."""
 
@@ -80,8 +88,10 @@ class ReasoningDecoder:
         """Decode all ``items``; waiting queries are taken longest prompt first."""
         device = self.model.device
         hidden_size = self.model.config.text_config.hidden_size
-        self._embeddings = torch.empty((len(items), hidden_size), dtype=torch.float32, device=device)
-        self._tokens = torch.full((len(items), self.max_new_tokens), -1, dtype=torch.long, device=device)
+        outputs = _Outputs(
+            embeddings=torch.empty((len(items), hidden_size), dtype=torch.float32, device=device),
+            tokens=torch.full((len(items), self.max_new_tokens), -1, dtype=torch.long, device=device),
+        )
         waiting = deque(sorted(items, key=lambda item: (-len(item), item.index)))
         running: _Running | None = None
         with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="queries", unit="item") as bar:
@@ -89,18 +99,18 @@ class ReasoningDecoder:
                 free = self.batch_size - (running.size if running is not None else 0)
                 if waiting and (running is None or (self.admission and free >= self.admit_at)):
                     newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                    running = _merge(running, self._prefill(newcomers))
+                    running = _merge(running, self._prefill(newcomers, outputs))
                 assert running is not None
-                running, finished = self._step(running)
+                running, finished = self._step(running, outputs)
                 bar.update(finished)
-        generated = [row[row >= 0].tolist() for row in self._tokens.cpu()]
-        return DecodeResult(self._embeddings.cpu(), generated)
+        generated = [row[row >= 0].tolist() for row in outputs.tokens.cpu()]
+        return DecodeResult(outputs.embeddings.cpu(), generated)
 
     def _next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy choice from the last-position hidden states (R, D): logits for those rows only."""
         return self.model.lm_head(hidden).argmax(dim=-1)
 
-    def _prefill(self, rows: Sequence[TokenizedItem]) -> _Running:
+    def _prefill(self, rows: Sequence[TokenizedItem], outputs: _Outputs) -> _Running:
         from transformers import DynamicCache
 
         batch = self.make_batch(rows)
@@ -109,7 +119,7 @@ class ReasoningDecoder:
         hidden = forward_prompts(self.model, batch, positions, cache)
         first = self._next_tokens(hidden[:, -1])
         indices = torch.tensor([row.index for row in rows], device=first.device)
-        self._tokens[indices, 0] = first
+        outputs.tokens[indices, 0] = first
         return _Running(
             cache=cache,
             attention_mask=batch.attention_mask,
@@ -119,7 +129,7 @@ class ReasoningDecoder:
             counts=torch.ones_like(first),
         )
 
-    def _step(self, running: _Running) -> tuple[_Running | None, int]:
+    def _step(self, running: _Running, outputs: _Outputs) -> tuple[_Running | None, int]:
         """Feed each row its next token; capture finished rows, drop them, choose the others' next token."""
         mask = F.pad(running.attention_mask, (0, 1), value=1)
         hidden = self.model.model(
@@ -134,14 +144,14 @@ class ReasoningDecoder:
         running.next_positions = running.next_positions + 1
         finished = int(done.sum())
         if finished:
-            self._embeddings[running.indices[done]] = hidden[done].float()
+            outputs.embeddings[running.indices[done]] = hidden[done].float()
             if finished == running.size:
                 return None, finished
             keep = (~done).nonzero().squeeze(1)
             hidden = hidden[keep]
             _select_rows(running, keep)
         running.next_tokens = self._next_tokens(hidden)
-        self._tokens[running.indices, running.counts] = running.next_tokens
+        outputs.tokens[running.indices, running.counts] = running.next_tokens
         running.counts = running.counts + 1
         return running, finished
 

@@ -125,15 +125,16 @@ class RGEEncoder:
         batch_size = _positive_int(batch_size, "batch_size")
         budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
         items, single = normalize_inputs(texts, images)  # type: ignore[arg-type]
-        tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
         progress = show_progress_bar if show_progress_bar is not None else len(items) > batch_size
         if not items:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
-        elif reason:
-            embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
         else:
-            embeddings = self._encode_candidates(tokenized, batch_size, progress)
-            rationales = Rationales([""] * len(items), [0] * len(items))
+            tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
+            if reason:
+                embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
+            else:
+                embeddings = self._encode_candidates(tokenized, batch_size, progress)
+                rationales = Rationales([""] * len(items), [0] * len(items))
         result = _convert(
             l2_normalize(embeddings) if normalize else embeddings, single, convert_to_numpy, convert_to_tensor
         )
