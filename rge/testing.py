@@ -164,6 +164,19 @@ def build_tiny_checkpoint(
     return out
 
 
+def _save_quietly(model: torch.nn.Module, out: Path) -> None:
+    """``save_pretrained`` without its progress bar (a tiny checkpoint writes in milliseconds)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)  # type: ignore[operator]
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
 def build_tiny_tokenizer(*, with_emb_token: bool = True):  # type: ignore[no-untyped-def]
     """A byte-level BPE (a few hundred tokens) with Qwen2.5-VL's special tokens and ``<emb>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -313,7 +326,7 @@ def _image_processor_dict() -> dict[str, object]:
 
 
 def _save_transformers5(out: Path, model: torch.nn.Module, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    model.save_pretrained(out)
+    _save_quietly(model, out)
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN25_VL_CHAT_TEMPLATE, encoding="utf-8")
     processor = {"image_processor": _image_processor_dict(), "processor_class": "Qwen2_5_VLProcessor"}
