@@ -27,7 +27,9 @@ from rge.testing import build_tiny_checkpoint, make_test_image  # noqa: E402
 from tests.reference import Reference  # noqa: E402
 
 MIN_PIXELS, MAX_PIXELS = 4 * 28 * 28, 64 * 28 * 28
-WORDS = "what is in the image find the caption of this photo which animal is on the left side red car tree river".split()
+WORDS = (
+    "what is in the image find the caption of this photo which animal is on the left side red car tree river".split()
+)
 
 
 def workload(count: int, with_images: bool) -> tuple[list[str], list]:
@@ -76,11 +78,17 @@ def run(args: argparse.Namespace) -> dict:
                 same = rationales.num_generated_tokens == [len(t) for t in ref_tokens] and list(rationales) == [
                     encoder._rationale_text(t) for t in ref_tokens
                 ]
-                rows.append(_row(name, "rge encode_query", batch_size, admission, elapsed, args.queries, generated, same))
+                rows.append(
+                    _row(name, "rge encode_query", batch_size, admission, elapsed, args.queries, generated, same)
+                )
                 rows[-1]["speedup"] = ref_time / elapsed
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-                    "torch": torch.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+        },
         "model": {"layers": args.layers, "hidden_size": 64, "budget": args.budget},
         "queries": args.queries,
         "rows": rows,
@@ -91,29 +99,43 @@ def _encode(encoder: RGEEncoder, texts, images, batch_size: int, budget: int, ad
     from rge.inputs import normalize_inputs
 
     items, _ = normalize_inputs(texts, images)
-    tokenized = encoder._tokenize([encoder.checkpoint.template.query(item.text) for item in items], [item.image for item in items])
+    tokenized = encoder._tokenize(
+        [encoder.checkpoint.template.query(item.text) for item in items], [item.image for item in items]
+    )
     return encoder._encode_reasoning(tokenized, batch_size, budget, False, admission=admission)
 
 
 def _row(workload_name, variant, batch_size, admission, seconds, queries, generated, same) -> dict:
     return {
-        "workload": workload_name, "variant": variant, "batch_size": batch_size, "admission": admission,
-        "seconds": seconds, "queries_per_s": queries / seconds, "generated_tokens_per_s": generated / seconds,
-        "rationales_equal_reference": same, "speedup": 1.0,
+        "workload": workload_name,
+        "variant": variant,
+        "batch_size": batch_size,
+        "admission": admission,
+        "seconds": seconds,
+        "queries_per_s": queries / seconds,
+        "generated_tokens_per_s": generated / seconds,
+        "rationales_equal_reference": same,
+        "speedup": 1.0,
     }
 
 
 def print_table(result: dict) -> None:
-    print(f"{result['queries']} queries, {result['model']['layers']}-layer tiny model, budget {result['model']['budget']}, "
-          f"{result['machine']['threads']} threads, torch {result['machine']['torch']}")
-    header = f"{'workload':<17} {'variant':<36} {'bs':>3} {'admit':>5} {'q/s':>8} {'tok/s':>8} {'speedup':>8} {'same':>5}"
+    print(
+        f"{result['queries']} queries, {result['model']['layers']}-layer tiny model, budget {result['model']['budget']}, "
+        f"{result['machine']['threads']} threads, torch {result['machine']['torch']}"
+    )
+    header = (
+        f"{'workload':<17} {'variant':<36} {'bs':>3} {'admit':>5} {'q/s':>8} {'tok/s':>8} {'speedup':>8} {'same':>5}"
+    )
     print(header)
     print("-" * len(header))
     for row in result["rows"]:
         admit = "-" if row["admission"] is None else ("yes" if row["admission"] else "no")
-        print(f"{row['workload']:<17} {row['variant']:<36} {row['batch_size']:>3} {admit:>5} "
-              f"{row['queries_per_s']:>8.1f} {row['generated_tokens_per_s']:>8.0f} {row['speedup']:>7.1f}x "
-              f"{'yes' if row['rationales_equal_reference'] else 'NO':>5}")
+        print(
+            f"{row['workload']:<17} {row['variant']:<36} {row['batch_size']:>3} {admit:>5} "
+            f"{row['queries_per_s']:>8.1f} {row['generated_tokens_per_s']:>8.0f} {row['speedup']:>7.1f}x "
+            f"{'yes' if row['rationales_equal_reference'] else 'NO':>5}"
+        )
 
 
 def main() -> None:

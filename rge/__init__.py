@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .encoder import RGEEncoder, Rationales
+from .encoder import Rationales, RGEEncoder
 from .errors import RGECheckpointError, RGEInputError
 
 __all__ = ["RGECheckpointError", "RGEEncoder", "RGEInputError", "Rationales", "__version__"]

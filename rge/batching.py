@@ -56,9 +56,7 @@ class Tokenizer:
         self.vision = vision
         self.image_pad_id = image_pad_id
 
-    def __call__(
-        self, prompts: Sequence[str], images: Sequence[Image.Image | None]
-    ) -> list[TokenizedItem]:
+    def __call__(self, prompts: Sequence[str], images: Sequence[Image.Image | None]) -> list[TokenizedItem]:
         encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         return [
             TokenizedItem(index, self._expand(ids, image, index), image)
@@ -78,9 +76,7 @@ def length_sorted_batches(items: Sequence[TokenizedItem], batch_size: int) -> li
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
-def collate(
-    items: Sequence[TokenizedItem], pad_id: int, image_pad_id: int, vision: VisionPreprocessor
-) -> ModelBatch:
+def collate(items: Sequence[TokenizedItem], pad_id: int, image_pad_id: int, vision: VisionPreprocessor) -> ModelBatch:
     """Left-pad ``items`` into one batch; image patches are computed here, one batch at a time."""
     width = max(len(item) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -92,5 +88,3 @@ def collate(
     images = [item.image for item in items if item.image is not None]
     pixel_values, grid = vision(images) if images else (None, None)
     return ModelBatch(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)
-
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -15,7 +15,14 @@ from .candidates import embed_candidates
 from .decoding import ReasoningDecoder
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
-from .loading import LoadedCheckpoint, choose_attention, choose_device, choose_dtype, load_checkpoint, resolve_checkpoint
+from .loading import (
+    LoadedCheckpoint,
+    choose_attention,
+    choose_device,
+    choose_dtype,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from .pooling import l2_normalize
 from .prompts import EMB_TOKEN
 from .types import Embeddings, EncodeInput, ImageInput

@@ -23,9 +23,7 @@ class Item:
     image: Image.Image | None
 
 
-def normalize_inputs(
-    texts: EncodeInput, images: Sequence[ImageInput | None] | None = None
-) -> tuple[list[Item], bool]:
+def normalize_inputs(texts: EncodeInput, images: Sequence[ImageInput | None] | None = None) -> tuple[list[Item], bool]:
     """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
 
     Every problem raises RGEInputError naming the item index, before any image is sent to the model.
@@ -33,12 +31,12 @@ def normalize_inputs(
     single = isinstance(texts, (str, dict))
     entries = [texts] if single else texts
     if not isinstance(entries, (list, tuple)):
-        raise RGEInputError(
-            f"texts must be a str, a dict or a list of them, got {type(texts).__name__}"
-        )
+        raise RGEInputError(f"texts must be a str, a dict or a list of them, got {type(texts).__name__}")
     pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
     if images is not None:
-        pairs = _attach_images(pairs, [images] if single and not isinstance(images, list) else images)
+        if single and not isinstance(images, (list, tuple)):
+            images = [images]  # type: ignore[list-item]  # one image for one item
+        pairs = _attach_images(pairs, images)
     return [_make_item(text, image, index) for index, (text, image) in enumerate(pairs)], single
 
 

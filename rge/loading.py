@@ -59,7 +59,7 @@ def resolve_checkpoint(
         snapshot_download(
             str(name_or_path),
             revision=revision,
-            cache_dir=cache_dir,
+            cache_dir=None if cache_dir is None else str(cache_dir),
             token=token,
             local_files_only=local_files_only,
             allow_patterns=CHECKPOINT_FILE_PATTERNS,
@@ -157,7 +157,7 @@ def load_checkpoint(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path), dtype=dtype, attn_implementation=attn_implementation
     )
-    model.to(device).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' typed wrapper
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedCheckpoint(
         model=model,

@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -127,7 +127,11 @@ def build_tiny_checkpoint(
             "num_attention_heads": num_attention_heads,
             "num_key_value_heads": num_key_value_heads,
             "max_position_embeddings": 32768,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": _mrope_section(head_dim)},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": _mrope_section(head_dim),
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "tie_word_embeddings": False,
@@ -164,20 +168,20 @@ def build_tiny_checkpoint(
     return out
 
 
-def _save_quietly(model: torch.nn.Module, out: Path) -> None:
+def _save_quietly(model: Any, out: Path) -> None:
     """``save_pretrained`` without its progress bar (a tiny checkpoint writes in milliseconds)."""
     from transformers.utils import logging
 
     enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
     try:
-        model.save_pretrained(out)  # type: ignore[operator]
+        model.save_pretrained(out)
     finally:
         if enabled:
             logging.enable_progress_bar()
 
 
-def build_tiny_tokenizer(*, with_emb_token: bool = True):  # type: ignore[no-untyped-def]
+def build_tiny_tokenizer(*, with_emb_token: bool = True) -> Any:
     """A byte-level BPE (a few hundred tokens) with Qwen2.5-VL's special tokens and ``<emb>``."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -191,15 +195,15 @@ def build_tiny_tokenizer(*, with_emb_token: bool = True):  # type: ignore[no-unt
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     specials = SPECIAL_TOKENS + ([EMB] if with_emb_token else [])
-    return Qwen2Tokenizer(
-        vocab=model["vocab"],
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=specials,
-    )
+    settings: dict[str, Any] = {
+        "unk_token": None,
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "extra_special_tokens": specials,
+        "merges": merges,  # pairs, as the trained BPE gives them
+    }
+    return Qwen2Tokenizer(vocab=model["vocab"], **settings)
 
 
 def make_test_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
@@ -207,9 +211,15 @@ def make_test_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -
     generator = torch.Generator().manual_seed(seed)
     channels = 1 if mode in ("L", "1", "P") else (4 if mode == "RGBA" else 3)
     low = torch.randint(0, 256, (max(1, height // 8), max(1, width // 8), channels), generator=generator)
-    pixels = torch.nn.functional.interpolate(
-        low.permute(2, 0, 1)[None].float(), size=(height, width), mode="bilinear", align_corners=False
-    )[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8)
+    pixels = (
+        torch.nn.functional.interpolate(
+            low.permute(2, 0, 1)[None].float(), size=(height, width), mode="bilinear", align_corners=False
+        )[0]
+        .permute(1, 2, 0)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
     array = pixels.numpy()
     image = Image.fromarray(array[..., 0] if channels == 1 else array, "L" if channels == 1 else mode)
     return image.convert(mode) if image.mode != mode else image
@@ -252,7 +262,7 @@ def _spread_weights(model: torch.nn.Module, seed: int) -> None:
                 parameter.normal_(0.0, 0.5 / parameter.shape[1] ** 0.5 * 2, generator=generator)
 
 
-def _install_emb_trigger(model: torch.nn.Module, tokenizer, budget: int) -> None:  # type: ignore[no-untyped-def]
+def _install_emb_trigger(model: Any, tokenizer: Any, budget: int) -> None:
     """Make ``<emb>`` the greedy choice wherever one chosen ordinary token would be.
 
     The token is chosen by decoding the probe prompts: the one whose first appearance varies most across
@@ -289,7 +299,7 @@ def _trigger_score(steps: Sequence[int], budget: int) -> float:
     return spread * balance + (2.0 if early else 0.0)
 
 
-def _greedy(model: torch.nn.Module, input_ids: list[int], steps: int) -> list[int]:
+def _greedy(model: Any, input_ids: list[int], steps: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
             torch.tensor([input_ids]),
@@ -325,7 +335,7 @@ def _image_processor_dict() -> dict[str, object]:
     }
 
 
-def _save_transformers5(out: Path, model: torch.nn.Module, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def _save_transformers5(out: Path, model: Any, tokenizer: Any) -> None:
     _save_quietly(model, out)
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(QWEN25_VL_CHAT_TEMPLATE, encoding="utf-8")
@@ -333,7 +343,7 @@ def _save_transformers5(out: Path, model: torch.nn.Module, tokenizer) -> None:  
     _write_json(out / "processor_config.json", processor)
 
 
-def _save_transformers4(out: Path, model: torch.nn.Module, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def _save_transformers4(out: Path, model: Any, tokenizer: Any) -> None:
     from safetensors.torch import save_file
 
     _write_json(out / "config.json", _legacy_config(model.config.to_dict()))
@@ -382,13 +392,17 @@ def _legacy_weight_name(name: str) -> str:
     return name
 
 
-def _save_legacy_tokenizer(out: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def _save_legacy_tokenizer(out: Path, tokenizer: Any) -> None:
     """tokenizer.json plus a 4.5x-style tokenizer_config.json (added_tokens_decoder, additional_special_tokens)."""
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     added = {
         str(tokenizer.convert_tokens_to_ids(token)): {
-            "content": token, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": True,
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
         }
         for token in tokenizer.all_special_tokens
     }

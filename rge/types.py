@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import TypedDict, Union
+from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
 import torch
 from PIL import Image
 
-ImageInput = Union[Image.Image, str, "os.PathLike[str]", bytes]
+ImageInput = Image.Image | str | os.PathLike[str] | bytes
 """An image: a PIL image, a path to an image file, or the raw bytes of an encoded image."""
 
 
@@ -20,6 +21,6 @@ class MultimodalItem(TypedDict, total=False):
     image: ImageInput | None
 
 
-TextInput = Union[str, MultimodalItem]
-EncodeInput = Union[TextInput, list[TextInput]]
-Embeddings = Union[np.ndarray, torch.Tensor]
+TextInput = str | MultimodalItem
+EncodeInput = TextInput | Sequence[TextInput]
+Embeddings = np.ndarray | torch.Tensor

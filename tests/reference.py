@@ -27,7 +27,7 @@ class Reference:
     max_pixels: int
 
     @classmethod
-    def load(cls, path: Path, min_pixels: int, max_pixels: int) -> "Reference":
+    def load(cls, path: Path, min_pixels: int, max_pixels: int) -> Reference:
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -89,7 +89,9 @@ class Reference:
         return out.hidden_states[-1][0, position]
 
     @torch.no_grad()
-    def query(self, text: str, image: Image.Image | None = None, max_new_tokens: int = 32) -> tuple[torch.Tensor, list[int]]:
+    def query(
+        self, text: str, image: Image.Image | None = None, max_new_tokens: int = 32
+    ) -> tuple[torch.Tensor, list[int]]:
         inputs = self.inputs(text, image, candidate=False)
         generated = self.model.generate(
             **inputs,

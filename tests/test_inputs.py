@@ -67,8 +67,12 @@ def test_bad_input_raises_before_model_work(no_model_calls, tmp_path, reason):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(reason="yes"), "reason must be a bool"), (dict(batch_size=0), "batch_size"),
-     (dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_size=2.5), "batch_size")],
+    [
+        (dict(reason="yes"), "reason must be a bool"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(batch_size=2.5), "batch_size"),
+    ],
 )
 def test_bad_options(no_model_calls, kwargs, message):
     with pytest.raises(RGEInputError, match=message):
