@@ -6,6 +6,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 DEMO_QUERY = "Answer the question based on the given image: What is in the image?\n"
 DEMO_CANDIDATES = [
@@ -23,8 +24,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint built offline")
     demo.add_argument("--image", help="image for the query (default: a drawn picture)")
     demo.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    evaluation = commands.add_parser("eval", help="reproduce a benchmark of the paper").add_subparsers(
+        dest="benchmark", required=True
+    )
+    mmeb = evaluation.add_parser("mmeb", help="MMEB (36 image tasks, Precision@1) with the authors' protocol")
+    mmeb.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
+    mmeb.add_argument("--data", required=True, help="local snapshot of TIGER-Lab/MMEB-eval (one folder per subset)")
+    mmeb.add_argument("--images", required=True, help="folder the *_img_path values are relative to")
+    mmeb.add_argument("--output", required=True, help="results folder (a rerun resumes from it)")
+    mmeb.add_argument("--subsets", nargs="+", help="subsets to run (default: all 36)")
+    mmeb.add_argument("--batch-size", type=int, default=16)
+    mmeb.add_argument("--max-new-tokens", type=int, default=128)
+    mmeb.add_argument("--min-pixels", type=int, help="default 256*28*28")
+    mmeb.add_argument("--max-pixels", type=int, help="default 1024*28*28")
+    mmeb.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    mmeb.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    mmeb.add_argument("--no-reason", action="store_true", help="queries without reasoning (the paper's baseline)")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return run_mmeb(args)
     return run_demo(args.model, tiny=args.tiny, image=args.image, device=args.device)
+
+
+def run_mmeb(args: argparse.Namespace) -> int:
+    """``rge eval mmeb``: evaluate, then print the report."""
+    from rge import RGEEncoder
+    from rge.eval import mmeb
+
+    try:
+        subsets = mmeb.resolve_subsets(Path(args.data), args.subsets)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"rge eval mmeb: {error}", file=sys.stderr)
+        return 2
+    encoder = RGEEncoder.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
+    summary = mmeb.evaluate(
+        encoder, args.data, args.images, args.output, subsets, reason=not args.no_reason, batch_size=args.batch_size
+    )
+    print(mmeb.format_table(summary))
+    print(f"results in {args.output}")
+    return 0
 
 
 def run_demo(model: str, *, tiny: bool, image: str | None, device: str | None) -> int:

@@ -120,18 +120,22 @@ class RGEEncoder:
         convert_to_tensor: bool = False,
         return_rationales: bool = False,
         max_new_tokens: int | None = None,
+        *,
+        exif_transpose: bool = True,
     ) -> Any:
         """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a list of them) with their ``images``.
 
         ``reason=True`` takes the query path, ``reason=False`` the candidate path. Returns float32 (N, D)
         in input order (1-D for a single input), numpy unless ``convert_to_tensor`` or
         ``convert_to_numpy=False``; with ``return_rationales=True``, ``(embeddings, Rationales)``.
+        ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
+        evaluation loads them.
         """
         if not isinstance(reason, bool):
             raise RGEInputError(f"reason must be a bool, got {type(reason).__name__}")
         batch_size = _positive_int(batch_size, "batch_size")
         budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
-        items, single = normalize_inputs(texts, images)  # type: ignore[arg-type]
+        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose)  # type: ignore[arg-type]
         progress = show_progress_bar if show_progress_bar is not None else len(items) > batch_size
         if not items:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])

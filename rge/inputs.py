@@ -23,7 +23,9 @@ class Item:
     image: Image.Image | None
 
 
-def normalize_inputs(texts: EncodeInput, images: Sequence[ImageInput | None] | None = None) -> tuple[list[Item], bool]:
+def normalize_inputs(
+    texts: EncodeInput, images: Sequence[ImageInput | None] | None = None, *, exif_transpose: bool = True
+) -> tuple[list[Item], bool]:
     """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
 
     Every problem raises RGEInputError naming the item index, before any image is sent to the model.
@@ -37,7 +39,8 @@ def normalize_inputs(texts: EncodeInput, images: Sequence[ImageInput | None] | N
         if single and not isinstance(images, (list, tuple)):
             images = [images]  # type: ignore[list-item]  # one image for one item
         pairs = _attach_images(pairs, images)
-    return [_make_item(text, image, index) for index, (text, image) in enumerate(pairs)], single
+    items = [_make_item(text, image, index, exif_transpose) for index, (text, image) in enumerate(pairs)]
+    return items, single
 
 
 def _split_entry(entry: object, index: int) -> tuple[str, ImageInput | None]:
@@ -75,11 +78,11 @@ def _attach_images(
     return attached
 
 
-def _make_item(text: str, image: ImageInput | None, index: int) -> Item:
+def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: bool) -> Item:
     slots = count_image_slots(text)
     if slots > 1:
         raise RGEInputError(f"text has {slots} image markers but an item holds at most one image", index)
     if slots == 1 and image is None:
         raise RGEInputError("text has an image marker but no image was given", index)
-    decoded = None if image is None else load_image(image, index)
+    decoded = None if image is None else load_image(image, index, exif_transpose=exif_transpose)
     return Item(text=place_image(text, decoded is not None), image=decoded)

@@ -1,0 +1,1 @@
+"""Benchmarks the paper reports, reproducible with one command (``rge eval mmeb``)."""

@@ -1,0 +1,38 @@
+"""Crash-safe files: written under a temporary name, then renamed into place, so a file is whole or absent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a crash never leaves a partial file there."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any] | None = None) -> None:
+    """Save numpy arrays as safetensors atomically; ``metadata`` values are stored as JSON."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    encoded = {key: json.dumps(value, ensure_ascii=False) for key, value in (metadata or {}).items()}
+    save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, str(temporary), metadata=encoded)
+    os.replace(temporary, path)
+
+
+def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Arrays and JSON metadata of a file written by ``save_arrays``."""
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+    return load_file(str(path)), metadata

@@ -1,0 +1,220 @@
+"""`rge eval mmeb`: the authors' protocol, checked against a by-hand computation with the reference."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from rge.cli import main
+from rge.eval import mmeb
+
+from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
+from .mmeb_fixture import build_mmeb_fixture
+
+# By hand, from the YAML files: the rewritten texts each fixture subset must produce.
+QUERY_BY_HAND = {
+    "HatefulMemes": lambda t: t.replace(
+        "Represent the given image for binary classification to determine whether it constitutes hateful speech or not",
+        "Determine whether the given image contains hateful speech or not for binary classification",
+    ),
+    "ImageNet-1K": lambda t: t.replace(
+        "Represent the given image for classification",
+        "Identify the category of the main object in the given image for classification",
+    ),
+    "MSCOCO_t2i": lambda t: t.replace(
+        "Find me an everyday image that matches the given caption",
+        "Describe and represent the following descriptive caption for everyday image retrieval",
+    ),
+}
+CANDIDATE_BY_HAND = {
+    "HatefulMemes": lambda t: {
+        "Yes": "Summarize the following statement in one word: Yes, it contains hateful speech.",
+        "No": "Summarize the following statement in one word: No, it does not contain hateful speech.",
+    }[t],
+    "ImageNet-1K": lambda t: "Summarize the following object category in one word: " + t,
+    "MSCOCO_t2i": lambda t: t.replace("Represent the given image", "Summarize the given image in one word"),
+}
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    return build_mmeb_fixture(tmp_path_factory.mktemp("mmeb"))
+
+
+def _newline(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _by_hand(reference, data, images, subset):
+    """Accuracy and predictions computed independently: rules by hand, the batch-1 reference algorithm."""
+    rows = pq.read_table(data / subset / "test-00000-of-00001.parquet").to_pylist()
+
+    def prepare(text, path):
+        text = text.replace("<|image_1|>", "<|vision_start|><|image_pad|><|vision_end|>")
+        if not path:
+            return text.replace("<|vision_start|><|image_pad|><|vision_end|>", ""), None
+        return text, Image.open(images / path)
+
+    predicted = []
+    for row in rows:
+        query, _ = reference.query(*prepare(_newline(QUERY_BY_HAND[subset](row["qry_text"])), row["qry_img_path"]),
+                                   max_new_tokens=BUDGET)  # fmt: skip
+        candidates = [
+            reference.candidate(*prepare(_newline(CANDIDATE_BY_HAND[subset](text)), path))
+            for text, path in zip(row["tgt_text"], row["tgt_img_path"])
+        ]
+        scores = [float(query @ c / (query.norm() * c.norm())) for c in candidates]
+        predicted.append(int(np.argmax(scores)))
+    return sum(p == 0 for p in predicted) / len(rows), predicted
+
+
+def test_accuracy_equals_the_protocol_applied_by_hand(encoder, reference, fixture_dirs, tmp_path):
+    data, images = fixture_dirs
+    summary = mmeb.evaluate(encoder, data, images, tmp_path, ["HatefulMemes", "ImageNet-1K", "MSCOCO_t2i"],
+                            batch_size=3, chunk_size=3, show_progress=False)  # fmt: skip
+    for subset in ("HatefulMemes", "ImageNet-1K", "MSCOCO_t2i"):
+        accuracy, predicted = _by_hand(reference, data, images, subset)
+        assert (tmp_path / f"{subset}_pred.jsonl").read_text().split() == [str(p) for p in predicted]
+        score = json.loads((tmp_path / f"{subset}_score.json").read_text())
+        assert score == {"acc": accuracy, "num_correct": round(accuracy * 4), "num_pred": 4}
+        assert summary["subsets"][subset] == pytest.approx(100 * accuracy)
+        generated = [json.loads(line) for line in (tmp_path / f"{subset}_generated.jsonl").read_text().splitlines()]
+        assert all(set(g) == {"text", "image", "generated_text"} for g in generated)
+    assert summary["groups"]["Overall"]["subsets"] == 3
+    expected_overall = np.mean(list(summary["subsets"].values()))
+    assert summary["groups"]["Overall"]["score"] == pytest.approx(expected_overall)
+    assert json.loads((tmp_path / "summary.json").read_text())["groups"] == summary["groups"]
+
+
+def test_unique_pairs_are_encoded_once(encoder, fixture_dirs, tmp_path, monkeypatch):
+    data, images = fixture_dirs
+    seen = []
+    original = encoder.encode
+
+    def counting(items, **kwargs):
+        seen.extend((item["text"], str(item.get("image")), kwargs["reason"]) for item in items)
+        return original(items, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", counting)
+    mmeb.evaluate(encoder, data, images, tmp_path, ["HatefulMemes"], show_progress=False)
+    assert len(seen) == len(set(seen)) == 4 + 2  # 4 distinct query images, candidates "Yes" and "No"
+    assert sum(reason for *_, reason in seen) == 4
+
+
+def test_interrupted_run_resumes_without_recomputing(encoder, fixture_dirs, tmp_path, monkeypatch):
+    data, images = fixture_dirs
+    subsets = ["ImageNet-1K", "MSCOCO_t2i"]
+    clean = mmeb.evaluate(encoder, data, images, tmp_path / "clean", subsets, chunk_size=2, show_progress=False)
+    original, calls = encoder.encode, []
+
+    def crashing(items, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return original(items, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mmeb.evaluate(encoder, data, images, tmp_path / "run", subsets, chunk_size=2, show_progress=False)
+    assert (tmp_path / "run" / "ImageNet-1K_score.json").exists()
+    assert not (tmp_path / "run" / "MSCOCO_t2i_score.json").exists()
+    before_crash = sum(calls[:-1])
+    calls.clear()
+    resumed = mmeb.evaluate(encoder, data, images, tmp_path / "run", subsets, chunk_size=2, show_progress=False)
+    coco_rows = mmeb.read_subset(data, "MSCOCO_t2i")
+    coco_pairs = len({r.query for r in coco_rows}) + len({p for r in coco_rows for p in r.candidates})
+    total_pairs = 4 + 4 + coco_pairs  # ImageNet-1K: 4 distinct query images, 4 labels
+    assert before_crash + sum(calls) == total_pairs  # nothing computed twice
+    assert resumed["subsets"] == clean["subsets"]
+    for subset in subsets:
+        np.testing.assert_allclose(
+            mmeb.load_arrays(tmp_path / "run" / f"{subset}_qry.safetensors")[0]["embeddings"],
+            mmeb.load_arrays(tmp_path / "clean" / f"{subset}_qry.safetensors")[0]["embeddings"],
+            atol=1e-6,
+        )
+    assert not list((tmp_path / "run").glob("*.part*"))
+    calls.clear()
+    mmeb.evaluate(encoder, data, images, tmp_path / "run", subsets, chunk_size=2, show_progress=False)
+    assert calls == []  # finished subsets are skipped
+
+
+def test_other_settings_in_the_same_output_are_refused(encoder, fixture_dirs, tmp_path):
+    data, images = fixture_dirs
+    mmeb.evaluate(encoder, data, images, tmp_path, ["HatefulMemes"], show_progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        mmeb.evaluate(encoder, data, images, tmp_path, ["HatefulMemes"], reason=False, show_progress=False)
+
+
+def test_missing_data_and_unknown_subsets_are_clear(fixture_dirs, tmp_path):
+    data, _ = fixture_dirs
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        mmeb.resolve_subsets(tmp_path / "nope", None)
+    with pytest.raises(ValueError, match="unknown MMEB subsets.*ImageNet-1K"):
+        mmeb.resolve_subsets(data, ["ImageNet1K"])
+    with pytest.raises(FileNotFoundError, match="available: HatefulMemes, ImageNet-1K, MSCOCO_t2i"):
+        mmeb.resolve_subsets(data, None)
+
+
+def test_rewrite_rules_of_real_entries():
+    query, candidate = mmeb.load_rules("query"), mmeb.load_rules("candidate")
+    assert mmeb.rewrite("Yes", candidate["HatefulMemes"]) == (
+        "Summarize the following statement in one word: Yes, it contains hateful speech.\n"
+    )
+    assert mmeb.rewrite("Maybe", candidate["HatefulMemes"]) == "Maybe\n"
+    assert mmeb.rewrite("<|image_1|>\nRepresent the given image for classification\n", query["ImageNet-1K"]) == (
+        "<|image_1|>\nIdentify the category of the main object in the given image for classification\n"
+    )
+    assert (
+        mmeb.rewrite("aeroplane", candidate["VOC2007"])
+        == "Summarize the following object category in one word: aeroplane\n"
+    )
+    assert mmeb.rewrite("<|image_1|>\nCrop the image to to isolate the object labeled as cat", query["MSCOCO"]) == (
+        "<|image_1|>\nDescribe and focus on the object in the image labeled as cat\n"
+    )
+    assert mmeb.rewrite("text\n", {}) == "text\n"
+    assert mmeb.rewrite("text", {"suffix_add": " end", "prefix_add": "start "}) == "start text end\n"
+
+
+def test_packaged_rules_are_the_authors_files_byte_for_byte():
+    expected = {
+        "candidate_replacements.yaml": "2300c7ca619b527918a6fd4f61b4adfe28aec4e12c996027ef518d3d3454757f",
+        "instruction_replacements-eval.yaml": "36b915f5eefd6ca2c16b8d70f1e92420517f3775f8e853b97f6e4fae390088b4",
+        "instruction_replacements.yaml": "0bfdb4e3edefdfad15908a262d1aba0594f354411629c718c5677a5ad37c0c73",
+    }
+    for name, digest in expected.items():
+        content = resources.files("rge.eval").joinpath("data", name).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == digest, name
+
+
+def test_groups_cover_the_36_subsets_once():
+    assert len(mmeb.SUBSETS) == len(set(mmeb.SUBSETS)) == 36
+    assert sorted(mmeb.DISTRIBUTIONS["IND"] + mmeb.DISTRIBUTIONS["OOD"]) == sorted(mmeb.SUBSETS)
+
+
+def test_cli_defaults_to_all_36_and_says_what_is_missing(tiny_path, fixture_dirs, tmp_path, capsys):
+    data, images = fixture_dirs
+    code = main(["eval", "mmeb", "--model", str(tiny_path), "--data", str(data), "--images", str(images),
+                 "--output", str(tmp_path)])  # fmt: skip
+    assert code == 2
+    assert "no parquet files for" in capsys.readouterr().err
+
+
+def test_cli_runs_end_to_end(tiny_path, fixture_dirs, tmp_path, capsys):
+    data, images = fixture_dirs
+    code = main(["eval", "mmeb", "--model", str(tiny_path), "--data", str(data), "--images", str(images),
+                 "--output", str(tmp_path), "--device", "cpu", "--max-new-tokens", "8",
+                 "--subsets", "HatefulMemes", "ImageNet-1K", "MSCOCO_t2i",
+                 "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS)])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["subsets"]) == {"HatefulMemes", "ImageNet-1K", "MSCOCO_t2i"}
+    assert f"{summary['groups']['Overall']['score']:>6.1f}" in out
+    assert "paper RGE" in out and "70.1" in out and "65.2" in out
+    assert summary["settings"]["max_new_tokens"] == 8
