@@ -188,7 +188,7 @@ def test_packaged_rules_are_the_authors_files_byte_for_byte():
         "instruction_replacements.yaml": "0bfdb4e3edefdfad15908a262d1aba0594f354411629c718c5677a5ad37c0c73",
     }
     for name, digest in expected.items():
-        content = resources.files("rge.eval").joinpath("data", name).read_bytes()
+        content = resources.files("rge.eval").joinpath(f"data/{name}").read_bytes()
         assert hashlib.sha256(content).hexdigest() == digest, name
 
 

@@ -64,7 +64,7 @@ class Row:
 def load_rules(side: str) -> dict[str, dict[str, Any]]:
     """The authors' per-subset rewrite rules: ``side`` is "query" (eval variant) or "candidate"."""
     name = {"query": "instruction_replacements-eval.yaml", "candidate": "candidate_replacements.yaml"}[side]
-    return dict(yaml.safe_load(resources.files("rge.eval").joinpath("data", name).read_text(encoding="utf-8")))
+    return dict(yaml.safe_load(resources.files("rge.eval").joinpath(f"data/{name}").read_text(encoding="utf-8")))
 
 
 def rewrite(text: str, rules: dict[str, Any]) -> str:
