@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem, length_sorted_batches
-from .modeling import build_position_ids, forward_prompts
+from .modeling import build_position_ids, forward_prompts, release_memory
 from .pooling import gather_at_token
 
 
@@ -29,9 +29,25 @@ def embed_candidates(
     out = torch.empty((len(items), hidden_size), dtype=torch.float32)
     with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="documents", unit="item") as bar:
         for rows in length_sorted_batches(items, batch_size):
-            batch = make_batch(rows)
-            hidden = forward_prompts(model, batch, build_position_ids(model, batch))
-            pooled = gather_at_token(hidden, batch.input_ids, emb_token_id)
-            out[[row.index for row in rows]] = pooled.float().cpu()
+            out[[row.index for row in rows]] = _embed_rows(model, rows, make_batch, emb_token_id)
             bar.update(len(rows))
     return out
+
+
+def _embed_rows(
+    model: Any,
+    rows: Sequence[TokenizedItem],
+    make_batch: Callable[[Sequence[TokenizedItem]], ModelBatch],
+    emb_token_id: int,
+) -> torch.Tensor:
+    """One batch's embeddings; on out-of-memory the batch is halved and retried, down to one row."""
+    try:
+        batch = make_batch(rows)
+        hidden = forward_prompts(model, batch, build_position_ids(model, batch))
+        return gather_at_token(hidden, batch.input_ids, emb_token_id).float().cpu()
+    except torch.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+    release_memory()
+    half = len(rows) // 2
+    return torch.cat([_embed_rows(model, part, make_batch, emb_token_id) for part in (rows[:half], rows[half:])])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem
-from .modeling import build_position_ids, forward_prompts
+from .modeling import build_position_ids, forward_prompts, release_memory
 
 
 @dataclass
@@ -92,17 +92,32 @@ class ReasoningDecoder:
             embeddings=torch.empty((len(items), hidden_size), dtype=torch.float32, device=device),
             tokens=torch.full((len(items), self.max_new_tokens), -1, dtype=torch.long, device=device),
         )
-        waiting = deque(sorted(items, key=lambda item: (-len(item), item.index)))
+        by_index = {item.index: item for item in items}
+        waiting = deque(sorted(items, key=_longest_first))
         running: _Running | None = None
+        limit, admit_at, newcomers = self.batch_size, self.admit_at, []
         with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="queries", unit="item") as bar:
             while waiting or running is not None:
-                free = self.batch_size - (running.size if running is not None else 0)
-                if waiting and (running is None or (self.admission and free >= self.admit_at)):
-                    newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                    running = _merge(running, self._prefill(newcomers, outputs))
-                assert running is not None
-                running, finished = self._step(running, outputs)
-                bar.update(finished)
+                try:
+                    free = limit - (running.size if running is not None else 0)
+                    if waiting and (running is None or (self.admission and free >= admit_at)):
+                        newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                        running = _merge(running, self._prefill(newcomers, outputs))
+                        newcomers = []
+                    assert running is not None
+                    running, finished = self._step(running, outputs)
+                    bar.update(finished)
+                except torch.OutOfMemoryError:
+                    if limit == 1:
+                        raise
+                    # Unfinished rows start again, with half the batch; finished rows keep their results.
+                    retry = newcomers + ([by_index[i] for i in running.indices.tolist()] if running else [])
+                    outputs.tokens[[item.index for item in retry]] = -1
+                    waiting.extendleft(sorted(retry, key=_longest_first, reverse=True))
+                    running, newcomers = None, []
+                    limit = max(1, limit // 2)
+                    admit_at = max(1, min(admit_at, limit // 4))
+                    release_memory()
         generated = [row[row >= 0].tolist() for row in outputs.tokens.cpu()]
         return DecodeResult(outputs.embeddings.cpu(), generated)
 
@@ -154,6 +169,10 @@ class ReasoningDecoder:
         outputs.tokens[running.indices, running.counts] = running.next_tokens
         running.counts = running.counts + 1
         return running, finished
+
+
+def _longest_first(item: TokenizedItem) -> tuple[int, int]:
+    return (-len(item), item.index)
 
 
 def _select_rows(running: _Running, keep: torch.Tensor) -> None:

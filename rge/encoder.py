@@ -47,9 +47,14 @@ class RGEEncoder:
     ``<emb>``); documents take the candidate path (``<emb>`` appended, one forward pass).
     """
 
-    def __init__(self, checkpoint: LoadedCheckpoint, *, max_new_tokens: int = 128) -> None:
+    def __init__(
+        self, checkpoint: LoadedCheckpoint, *, max_new_tokens: int = 128, max_length: int | None = None
+    ) -> None:
         self.checkpoint = checkpoint
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        context = int(checkpoint.model.config.text_config.max_position_embeddings)
+        self.max_length = context if max_length is None else _positive_int(max_length, "max_length")
+        """Longest prompt, in tokens (image tokens included, plus the reasoning budget for queries)."""
         self._tokenize = Tokenizer(checkpoint.tokenizer, checkpoint.vision, checkpoint.image_pad_id)
         self._make_batch = functools.partial(
             collate, pad_id=checkpoint.pad_token_id, image_pad_id=checkpoint.image_pad_id, vision=checkpoint.vision
@@ -66,6 +71,7 @@ class RGEEncoder:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_new_tokens: int = 128,
+        max_length: int | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
@@ -74,7 +80,8 @@ class RGEEncoder:
         """Load a hub id (``"MCG-NJU/RGE"``, downloaded via huggingface-hub) or a local directory.
 
         Defaults: CUDA if available else CPU; bf16 on CUDA, fp32 on CPU; flash-attention 2 when it
-        imports on CUDA, else sdpa; 256*28*28 to 1024*28*28 pixels per image (the paper's budget).
+        imports on CUDA, else sdpa; 256*28*28 to 1024*28*28 pixels per image (the paper's budget);
+        ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated).
         """
         resolved_device = choose_device(device)
         path = resolve_checkpoint(
@@ -88,7 +95,7 @@ class RGEEncoder:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
-        return cls(checkpoint, max_new_tokens=max_new_tokens)
+        return cls(checkpoint, max_new_tokens=max_new_tokens, max_length=max_length)
 
     @property
     def model(self) -> Any:
@@ -122,6 +129,7 @@ class RGEEncoder:
         max_new_tokens: int | None = None,
         *,
         exif_transpose: bool = True,
+        **unknown: Any,
     ) -> Any:
         """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a list of them) with their ``images``.
 
@@ -131,6 +139,8 @@ class RGEEncoder:
         ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
         evaluation loads them.
         """
+        if unknown:
+            raise RGEInputError(f"unknown keyword arguments: {', '.join(sorted(unknown))}")
         if not isinstance(reason, bool):
             raise RGEInputError(f"reason must be a bool, got {type(reason).__name__}")
         batch_size = _positive_int(batch_size, "batch_size")
@@ -141,6 +151,7 @@ class RGEEncoder:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
         else:
             tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
+            self._check_lengths(tokenized, budget if reason else 0)
             if reason:
                 embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
             else:
@@ -172,6 +183,15 @@ class RGEEncoder:
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return scores
         return scores.numpy()
+
+    def _check_lengths(self, items: list[TokenizedItem], budget: int) -> None:
+        for item in items:
+            if len(item) + budget > self.max_length:
+                raise RGEInputError(
+                    f"prompt of {len(item)} tokens{f' plus {budget} reasoning tokens' if budget else ''} exceeds "
+                    f"max_length={self.max_length}; shorten the text or lower the image's max_pixels",
+                    item.index,
+                )
 
     def _prompt(self, item: Item, reason: bool) -> str:
         template = self.checkpoint.template

@@ -43,7 +43,10 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
         raise RGEInputError(f"image has zero size ({opened.width}x{opened.height})", index)
     if exif_transpose:
         opened = ImageOps.exif_transpose(opened)
-    return upsize_small_sides(opened)
+    try:
+        return to_rgb(upsize_small_sides(opened))
+    except (ValueError, OSError) as exc:
+        raise RGEInputError(f"image of mode {opened.mode!r} cannot be converted to RGB ({exc})", index) from None
 
 
 def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:
@@ -62,6 +65,16 @@ def upsize_small_sides(image: Image.Image) -> Image.Image:
     if image.height < MIN_SIDE:
         image = image.resize((image.width, MIN_SIDE))
     return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the image processor makes it: transparency is composited onto white."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 class VisionPreprocessor:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from .errors import RGEInputError
 from .images import load_image
-from .prompts import EMB_TOKEN, count_image_slots, place_image
+from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, VISION_BLOCK, count_image_slots, place_image
 from .types import EncodeInput, ImageInput
 
 _ITEM_KEYS = frozenset({"text", "image"})
@@ -60,6 +60,10 @@ def _check_text(text: object, index: int) -> str:
         raise RGEInputError(f"text must be a str, got {type(text).__name__}", index)
     if EMB_TOKEN in text:
         raise RGEInputError(f"text contains the reserved token {EMB_TOKEN}", index)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RGEInputError(f"text is not valid Unicode ({exc.reason} at position {exc.start})", index) from None
     return text
 
 
@@ -85,4 +89,7 @@ def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: 
     if slots == 1 and image is None:
         raise RGEInputError("text has an image marker but no image was given", index)
     decoded = None if image is None else load_image(image, index, exif_transpose=exif_transpose)
-    return Item(text=place_image(text, decoded is not None), image=decoded)
+    placed = place_image(text, decoded is not None)
+    if placed.count(IMAGE_PAD_TOKEN) != placed.count(VISION_BLOCK):
+        raise RGEInputError(f"text contains {IMAGE_PAD_TOKEN} outside a vision block", index)
+    return Item(text=placed, image=decoded)

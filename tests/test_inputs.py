@@ -41,11 +41,20 @@ def _bad_cases(tmp_path: Path):
         (dict(texts=["ok", "<|image_1|> what is this?"]), 1, "marker but no image"),
         (dict(texts=["ok", "<|vision_start|><|image_pad|><|vision_end|>x"], images=[None, None]), 1, "marker"),
         (dict(texts=["a <emb> b"]), 0, "reserved token"),
+        (dict(texts=["ok", "a <|image_pad|> b"]), 1, "outside a vision block"),
+        (dict(texts=["ok", "half a pair \ud800"]), 1, "not valid Unicode"),
+        (dict(texts=["x"], images=[Image_mode("La")]), 0, "cannot be converted to RGB"),
         (dict(texts=[{"text": "a", "img": good}]), 0, "unknown keys"),
         (dict(texts=[{"text": "a", "image": good}], images=[good]), 0, "both"),
         (dict(texts=["a"], images=[Image_zero()]), 0, "zero size"),
         (dict(texts=42), None, "texts must be"),
     ]
+
+
+def Image_mode(mode):
+    from PIL import Image
+
+    return Image.new(mode, (40, 40))
 
 
 def Image_zero():
