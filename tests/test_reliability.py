@@ -85,8 +85,8 @@ def test_transparency_is_composited_on_white(encoder):
     rgba = make_test_image(60, 60, seed=1).convert("RGBA")
     rgba.putalpha(Image.new("L", rgba.size, 0))  # fully transparent: looks white
     white = Image.new("RGB", rgba.size, (255, 255, 255))
-    np.testing.assert_allclose(encoder.encode_document("x", images=[rgba]), encoder.encode_document("x", images=[white]),
-                               atol=1e-6)  # fmt: skip
+    transparent = encoder.encode_document("x", images=[rgba])
+    np.testing.assert_allclose(transparent, encoder.encode_document("x", images=[white]), atol=1e-6)
     palette = make_test_image(60, 60, seed=2).convert("P")
     np.testing.assert_allclose(encoder.encode_document("x", images=[palette]),
                                encoder.encode_document("x", images=[palette.convert("RGB")]), atol=1e-6)  # fmt: skip
