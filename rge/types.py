@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -21,6 +21,6 @@ class MultimodalItem(TypedDict, total=False):
     image: ImageInput | None
 
 
-TextInput = str | MultimodalItem
+TextInput = str | MultimodalItem | Mapping[str, Any]
 EncodeInput = TextInput | Sequence[TextInput]
 Embeddings = np.ndarray | torch.Tensor

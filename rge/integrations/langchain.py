@@ -1,0 +1,56 @@
+"""LangChain: ``RGEEmbeddings``, queries reason and documents do not.
+
+>>> from rge.integrations.langchain import RGEEmbeddings
+>>> embeddings = RGEEmbeddings(model_name="MCG-NJU/RGE")      # or RGEEmbeddings(encoder=encoder)
+>>> embeddings.embed_query("What is in the image?")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from . import require
+from ._shared import resolve_encoder
+
+require("langchain_core", "langchain")
+
+from langchain_core.embeddings import Embeddings  # noqa: E402
+
+from ..encoder import RGEEncoder  # noqa: E402
+
+
+class RGEEmbeddings(Embeddings):
+    """A ``langchain_core.embeddings.Embeddings`` backed by an RGE encoder.
+
+    ``embed_query`` takes the reasoning path, ``embed_documents`` the candidate path; ``embed_image``
+    embeds image documents (local paths), which vector stores such as Chroma look for.
+    """
+
+    def __init__(
+        self,
+        encoder: RGEEncoder | None = None,
+        *,
+        model_name: str | None = None,
+        batch_size: int = 16,
+        **load_kwargs: Any,
+    ) -> None:
+        self.encoder = resolve_encoder(encoder, model_name, load_kwargs)
+        self.batch_size = batch_size
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.encoder.encode_document(list(texts), batch_size=self.batch_size).tolist()  # type: ignore[no-any-return]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.encoder.encode_query(text).tolist()  # type: ignore[no-any-return]
+
+    def embed_image(self, uris: list[str]) -> list[list[float]]:
+        """Embed images given as local file paths, on the candidate path."""
+        items = [{"image": uri} for uri in uris]
+        return self.encoder.encode_document(items, batch_size=self.batch_size).tolist()  # type: ignore[no-any-return]
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self.embed_query, text)

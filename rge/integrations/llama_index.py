@@ -1,0 +1,69 @@
+"""LlamaIndex: ``RGEEmbedding``, a ``MultiModalEmbedding`` whose queries reason and documents do not.
+
+>>> from rge.integrations.llama_index import RGEEmbedding
+>>> embed_model = RGEEmbedding(model_name="MCG-NJU/RGE")     # or RGEEmbedding(encoder=encoder)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import Any
+
+from . import require
+from ._shared import model_label, resolve_encoder
+
+require("llama_index.core", "llama-index")
+
+from llama_index.core.embeddings import MultiModalEmbedding  # noqa: E402
+from pydantic import PrivateAttr  # noqa: E402
+
+from ..encoder import RGEEncoder  # noqa: E402
+
+
+class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
+    """Query embeddings take the reasoning path; text and image embeddings the candidate path."""
+
+    _encoder: Any = PrivateAttr()
+
+    def __init__(
+        self,
+        encoder: RGEEncoder | None = None,
+        *,
+        model_name: str | None = None,
+        embed_batch_size: int = 16,
+        **load_kwargs: Any,
+    ) -> None:
+        resolved = resolve_encoder(encoder, model_name, load_kwargs)
+        super().__init__(model_name=model_label(resolved, model_name), embed_batch_size=embed_batch_size)
+        self._encoder = resolved
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RGEEmbedding"
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self._encoder.encode_query(query).tolist()  # type: ignore[no-any-return]
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._encoder.encode_document(text).tolist()  # type: ignore[no-any-return]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._encoder.encode_document(texts, batch_size=self.embed_batch_size).tolist()  # type: ignore[no-any-return]
+
+    def _get_image_embedding(self, img_file_path: str | io.BytesIO) -> list[float]:
+        return self._get_image_embeddings([img_file_path])[0]
+
+    def _get_image_embeddings(self, img_file_paths: list[str | io.BytesIO]) -> list[list[float]]:
+        items = [{"image": _image(path)} for path in img_file_paths]
+        return self._encoder.encode_document(items, batch_size=self.embed_batch_size).tolist()  # type: ignore[no-any-return]
+
+    async def _aget_image_embedding(self, img_file_path: str | io.BytesIO) -> list[float]:
+        return await asyncio.to_thread(self._get_image_embedding, img_file_path)
+
+
+def _image(source: str | io.BytesIO) -> str | bytes:
+    return source.getvalue() if isinstance(source, io.BytesIO) else source

@@ -1,0 +1,166 @@
+"""Adapters return exactly the encoder's own vectors: queries reason, documents do not."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import io
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rge.testing import make_test_image
+
+QUERY = "What is in the image?"
+DOCUMENTS = ["A cat and a dog.", "A cat and a tiger."]
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for seed in (1, 2):
+        path = folder / f"img{seed}.png"
+        make_test_image(60 + 10 * seed, 50, seed=seed).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_langchain(encoder, image_paths, tiny_path):
+    from rge.integrations.langchain import RGEEmbeddings
+
+    embeddings = RGEEmbeddings(encoder=encoder)
+    assert embeddings.embed_query(QUERY) == encoder.encode_query(QUERY).tolist()
+    assert embeddings.embed_documents(DOCUMENTS) == encoder.encode_document(DOCUMENTS).tolist()
+    assert embeddings.embed_image(image_paths) == encoder.encode_document([{"image": p} for p in image_paths]).tolist()
+    assert asyncio.run(embeddings.aembed_query(QUERY)) == embeddings.embed_query(QUERY)
+    assert asyncio.run(embeddings.aembed_documents(DOCUMENTS)) == embeddings.embed_documents(DOCUMENTS)
+    assert embeddings.embed_query(QUERY) != embeddings.embed_documents([QUERY])[0]
+    by_name = RGEEmbeddings(model_name=str(tiny_path), device="cpu", max_new_tokens=encoder.max_new_tokens)
+    np.testing.assert_allclose(by_name.embed_documents(DOCUMENTS), embeddings.embed_documents(DOCUMENTS), atol=1e-6)
+    with pytest.raises(ValueError, match="either encoder"):
+        RGEEmbeddings(encoder=encoder, model_name="MCG-NJU/RGE")
+
+
+def test_llama_index(encoder, image_paths):
+    from llama_index.core.embeddings import MultiModalEmbedding
+
+    from rge.integrations.llama_index import RGEEmbedding
+
+    model = RGEEmbedding(encoder=encoder)
+    assert isinstance(model, MultiModalEmbedding) and RGEEmbedding.class_name() == "RGEEmbedding"
+    assert model.get_query_embedding(QUERY) == encoder.encode_query(QUERY).tolist()
+    assert model.get_text_embedding(DOCUMENTS[0]) == encoder.encode_document(DOCUMENTS[0]).tolist()
+    np.testing.assert_allclose(model.get_text_embedding_batch(DOCUMENTS), encoder.encode_document(DOCUMENTS), atol=1e-6)
+    expected_image = encoder.encode_document({"image": image_paths[0]}).tolist()
+    assert model.get_image_embedding(image_paths[0]) == expected_image
+    assert model.get_image_embedding(io.BytesIO(Path(image_paths[0]).read_bytes())) == expected_image
+    assert asyncio.run(model.aget_query_embedding(QUERY)) == model.get_query_embedding(QUERY)
+    assert asyncio.run(model.aget_image_embedding(image_paths[1])) == model.get_image_embedding(image_paths[1])
+
+
+def test_sentence_transformers(encoder, image_paths, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from rge.integrations.sentence_transformers import to_sentence_transformer
+
+    model = to_sentence_transformer(encoder)
+    image = make_test_image(70, 50, seed=9)
+    queries = [QUERY, {"text": "Describe it.", "image": image}]
+    documents = [DOCUMENTS[0], image, {"text": "caption", "image": image_paths[0]}]
+    np.testing.assert_allclose(model.encode_query(queries), encoder.encode_query(queries), atol=1e-6)
+    expected_documents = encoder.encode_document([DOCUMENTS[0], {"image": image}, documents[2]])
+    np.testing.assert_allclose(model.encode_document(documents), expected_documents, atol=1e-6)
+    np.testing.assert_allclose(model.encode_query(QUERY), encoder.encode_query(QUERY), atol=1e-6)
+    scores = model.similarity(model.encode_query(queries), model.encode_document(documents))
+    np.testing.assert_allclose(scores.numpy(), encoder.similarity(encoder.encode_query(queries), expected_documents),
+                               atol=1e-5)  # fmt: skip
+    message = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe it."}]}
+    ]
+    np.testing.assert_allclose(model.encode_query([message]), encoder.encode_query([queries[1]]), atol=1e-6)
+    assert model.get_embedding_dimension() == encoder.embedding_dim
+
+    model.save(str(tmp_path / "st"))
+    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
+    np.testing.assert_allclose(reloaded.encode_document(DOCUMENTS), encoder.encode_document(DOCUMENTS), atol=1e-6)
+
+
+def test_mteb_encode_and_evaluate(encoder):
+    import mteb
+    from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalI2TTask, MockAny2AnyRetrievalT2ITask
+    from mteb.types import PromptType
+    from torch.utils.data import DataLoader
+
+    from rge.integrations.mteb import RGE_MODEL_META, RGEMtebModel
+
+    model = RGEMtebModel(encoder=encoder, batch_size=2)
+    image = make_test_image(64, 64, seed=4)
+    rows = [{"text": QUERY, "image": image}, {"text": DOCUMENTS[0], "image": image}]
+    loader = DataLoader(rows, batch_size=1, collate_fn=lambda batch: {k: [r[k] for r in batch] for k in batch[0]})
+    task = MockAny2AnyRetrievalT2ITask()
+    for prompt_type, reason in ((PromptType.query, True), (PromptType.document, False), (None, False)):
+        got = model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default",
+                           prompt_type=prompt_type)  # fmt: skip
+        np.testing.assert_allclose(got, encoder.encode(rows, reason=reason), atol=1e-6)
+
+    sides = []
+    original = encoder.encode
+
+    def spy(items, **kwargs):
+        sides.append((kwargs["reason"], tuple(sorted(items[0]))))
+        return original(items, **kwargs)
+
+    model.encoder.encode = spy
+    try:
+        result = mteb.evaluate(model, [MockAny2AnyRetrievalT2ITask(), MockAny2AnyRetrievalI2TTask()], cache=None,
+                               show_progress_bar=False)  # fmt: skip
+    finally:
+        del model.encoder.encode
+    assert {(reason, keys) for reason, keys in sides} == {
+        (True, ("text",)), (False, ("image", "text")), (True, ("image", "text")), (False, ("text",))
+    }  # fmt: skip
+    assert all(0.0 <= r.get_score() <= 1.0 for r in result.task_results) and len(result.task_results) == 2
+    assert RGE_MODEL_META.modalities == ["image", "text"] and RGE_MODEL_META.embed_dim == 2048
+
+
+@pytest.mark.parametrize(
+    "module, extra, package",
+    [("langchain", "langchain", "langchain_core"), ("llama_index", "llama-index", "llama_index.core"),
+     ("sentence_transformers", "sentence-transformers", "sentence_transformers"), ("mteb", "mteb", "mteb")],
+)  # fmt: skip
+def test_missing_extra_names_it(monkeypatch, module, extra, package):
+    monkeypatch.setitem(sys.modules, package, None)  # makes "import package" fail
+    monkeypatch.delitem(sys.modules, f"rge.integrations.{module}", raising=False)
+    with pytest.raises(ImportError, match=rf"pip install 'rge\[{extra}\]'"):
+        importlib.import_module(f"rge.integrations.{module}")
+
+
+def test_importing_rge_imports_no_adapter_library():
+    adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers')"
+    code = f"import sys, rge; print(sorted(m for m in {adapters} if m in sys.modules))"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_faiss_example_runs_end_to_end(encoder, capsys):
+    example = runpy.run_path(str(Path(__file__).parents[1] / "examples" / "rag_faiss.py"))
+    hits, rationales = example["search"](encoder, example["QUERIES"], top_k=3)
+    items, labels = example["build_corpus"]()
+    documents = encoder.encode_document(items)
+    queries = encoder.encode_query(example["QUERIES"])
+    for row, query in zip(hits, queries):
+        order = np.argsort(-(documents @ query))[:3]
+        assert [hit.document for hit in row] == [labels[i] for i in order]
+        np.testing.assert_allclose([hit.score for hit in row], (documents @ query)[order], atol=1e-5)
+    assert rationales == list(encoder.encode_query(example["QUERIES"], return_rationales=True)[1])
+    assert len(example["main"](["--tiny", "--top-k", "2"])) == len(example["QUERIES"])
+    out = capsys.readouterr().out
+    assert out.count("rationale:") == len(example["QUERIES"])
+    assert all(f"query:     {query}" in out for query in example["QUERIES"])
+    assert out.count("  2. ") == len(example["QUERIES"]) and "  3. " not in out
