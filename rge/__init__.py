@@ -11,7 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .corpus import load_embeddings
 from .encoder import Rationales, RGEEncoder
 from .errors import RGECheckpointError, RGEInputError
 
-__all__ = ["RGECheckpointError", "RGEEncoder", "RGEInputError", "Rationales", "__version__"]
+__all__ = ["RGECheckpointError", "RGEEncoder", "RGEInputError", "Rationales", "__version__", "load_embeddings"]

@@ -40,9 +40,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     mmeb.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     mmeb.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
     mmeb.add_argument("--no-reason", action="store_true", help="queries without reasoning (the paper's baseline)")
+    encode = commands.add_parser("encode", help="encode a corpus (JSONL or parquet) into resumable shards")
+    encode.add_argument("input", help="JSONL (one object per line: id, text, optional image) or parquet")
+    encode.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
+    encode.add_argument("--output", required=True, help="index folder (a rerun resumes from it)")
+    encode.add_argument("--side", choices=["document", "query"], default="document")
+    encode.add_argument("--batch-size", type=int, default=16)
+    encode.add_argument("--shard-size", type=int, default=10000)
+    encode.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    encode.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    encode.add_argument("--min-pixels", type=int, help="default 256*28*28")
+    encode.add_argument("--max-pixels", type=int, help="default 1024*28*28")
+    encode.add_argument("--max-new-tokens", type=int, default=128, help="reasoning budget (--side query)")
+    encode.add_argument("--ray", action="store_true", help="run on a Ray cluster (pip install 'rge[ray]')")
+    encode.add_argument("--ray-address", help="cluster to join (default: start a local one; 'auto' to find one)")
+    encode.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own model copy")
     args = parser.parse_args(argv)
     if args.command == "eval":
         return run_mmeb(args)
+    if args.command == "encode":
+        return run_encode(args)
     return run_demo(args.model, tiny=args.tiny, image=args.image, device=args.device)
 
 
@@ -65,6 +82,48 @@ def run_mmeb(args: argparse.Namespace) -> int:
     )
     print(mmeb.format_table(summary))
     print(f"results in {args.output}")
+    return 0
+
+
+ENCODE_EXIT_ROWS_FAILED = 3
+"""``rge encode`` exit status when the job finished but some rows were reported in errors.jsonl."""
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """``rge encode``: stream the input into shards, resuming from what ``--output`` already holds."""
+    from rge.corpus import RGEJobError, encode_corpus, local_encode_rows
+    from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    load = {"device": args.device, "dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+            "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    settings = {
+        "model": args.model, "side": args.side, "dtype": args.dtype,
+        "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+        "max_new_tokens": args.max_new_tokens if args.side == "query" else None,
+    }  # fmt: skip
+    if not Path(args.input).is_file():
+        print(f"rge encode: input file {args.input!r} not found", file=sys.stderr)
+        return 2
+    if args.ray:
+        from rge.integrations.ray import ray_encode_rows
+
+        encode_rows = ray_encode_rows(args.model, args.side, args.batch_size, workers=args.workers,
+                                      address=args.ray_address, load_kwargs=load)  # fmt: skip
+    else:
+        from rge import RGEEncoder
+
+        encoder = RGEEncoder.from_pretrained(args.model, **load)
+        encode_rows = local_encode_rows(encoder, args.side, args.batch_size)
+    try:
+        report = encode_corpus(args.input, args.output, settings, encode_rows, chunk_size=4 * args.batch_size,
+                               shard_size=args.shard_size)  # fmt: skip
+    except RGEJobError as error:
+        print(f"rge encode: {error}", file=sys.stderr)
+        return 2
+    print(f"encoded {report.encoded} of {report.rows} rows into {report.shards} shards in {report.output}")
+    if report.failed:
+        print(f"{report.failed} rows failed; see {report.output / 'errors.jsonl'}", file=sys.stderr)
+        return ENCODE_EXIT_ROWS_FAILED
     return 0
 
 

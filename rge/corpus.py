@@ -1,0 +1,372 @@
+"""Corpus encoding at scale: stream rows from JSONL or parquet, write resumable shards, load them back.
+
+Rows are partitioned by their position in the input: shard ``k`` holds rows ``k*S .. (k+1)*S - 1``.
+Each shard is written under a temporary name and renamed when complete, so after any crash (``kill -9``
+included) a shard is either whole or absent; a rerun validates the shards it finds, rewrites any that
+do not check out, and computes only what is missing. The result equals an uninterrupted run row for row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import RGEInputError
+from .storage import atomic_write_json, atomic_write_text, load_arrays, save_arrays
+
+MANIFEST = "manifest.json"
+ERRORS = "errors.jsonl"
+
+
+class RGEJobError(ValueError):
+    """An output folder cannot be used for this job (other settings, unfinished, not an rge index)."""
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One input row: its position (0-based, blank lines skipped), id, text and image path (or None)."""
+
+    position: int
+    line: int
+    id: str
+    text: str
+    image: str | None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be encoded, with where it is and why."""
+
+    position: int
+    line: int
+    id: str | None
+    error: str
+
+
+@dataclass
+class JobReport:
+    """What an ``encode_corpus`` run produced."""
+
+    rows: int
+    encoded: int
+    failed: int
+    shards: int
+    output: Path
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_corpus(path: str | Path) -> Iterator[CorpusRow | BadRow]:
+    """Stream the rows of a JSONL (``id``, ``text``, optional ``image``) or parquet file with those columns.
+
+    Image paths are taken relative to the input file's folder unless absolute.
+    """
+    path = Path(path)
+    rows = _parquet_records(path) if path.suffix == ".parquet" else _jsonl_records(path)
+    for position, (line, record) in enumerate(rows):
+        yield _row(position, line, record, path.parent)
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows in the input, without parsing them (for the progress bar and the shard plan)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, error
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            number += 1
+            yield number, record
+
+
+def _row(position: int, line: int, record: Any, base: Path) -> CorpusRow | BadRow:
+    if isinstance(record, json.JSONDecodeError):
+        return BadRow(position, line, None, f"invalid JSON: {record.msg}")
+    if not isinstance(record, dict):
+        return BadRow(position, line, None, f"expected an object, got {type(record).__name__}")
+    row_id = record.get("id")
+    if row_id is None or isinstance(row_id, (dict, list, bool)):
+        return BadRow(position, line, None, "missing or invalid 'id'")
+    text, image = record.get("text") or "", record.get("image") or None
+    if not isinstance(text, str):
+        return BadRow(position, line, str(row_id), f"'text' must be a string, got {type(text).__name__}")
+    if image is not None and not isinstance(image, str):
+        return BadRow(position, line, str(row_id), f"'image' must be a path string, got {type(image).__name__}")
+    return CorpusRow(position, line, str(row_id), text, None if image is None else str(base / image))
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which positions each shard covers."""
+
+    rows: int
+    shard_size: int
+
+    @property
+    def shards(self) -> int:
+        return max(1, -(-self.rows // self.shard_size))
+
+    def shard_of(self, position: int) -> int:
+        return position // self.shard_size
+
+    def rows_in(self, shard: int) -> int:
+        return max(0, min(self.shard_size, self.rows - shard * self.shard_size))
+
+    @staticmethod
+    def path(output: Path, shard: int) -> Path:
+        return output / f"shard-{shard:05d}.safetensors"
+
+
+Chunk = tuple[list[CorpusRow], list[BadRow]]
+Result = tuple[np.ndarray, list[str], dict[int, str]]
+"""Embeddings and rationales of a chunk's encoded rows (in order), and an error per rejected position."""
+EncodeRows = Callable[[Iterator[Chunk]], Iterator[tuple[Chunk, Result]]]
+"""Turns chunks into results, in order: one process (``local_encode_rows``) or a Ray cluster."""
+
+
+def encode_corpus(
+    input_path: str | Path,
+    output_dir: str | Path,
+    settings: dict[str, Any],
+    encode_rows: EncodeRows,
+    *,
+    chunk_size: int,
+    shard_size: int = 10000,
+    progress: bool = True,
+) -> JobReport:
+    """Encode the corpus into ``output_dir``; ``encode_rows`` turns chunks of rows into results, in order.
+
+    ``settings`` (model, side, pixel budget, ...) is recorded in the manifest; a rerun with other settings
+    is refused. Returns counts and the bad rows (also written to ``errors.jsonl``).
+    """
+    input_path, output = Path(input_path), Path(output_dir)
+    plan = ShardPlan(count_rows(input_path), shard_size)
+    job = {**settings, "input": str(input_path.resolve()), "shard_size": shard_size, "rows": plan.rows}
+    _start(output, job)
+    done = {shard for shard in range(plan.shards) if _valid_shard(output, plan, shard)}
+    pending = _pending_chunks(read_corpus(input_path), plan, done, chunk_size)
+    with tqdm(total=plan.rows, desc="encoding", unit="row", disable=not progress, smoothing=0.05) as bar:
+        bar.update(sum(plan.rows_in(shard) for shard in done))
+        writer = _ShardWriter(output, plan)
+        for (rows, bad), (vectors, rationales, failed) in encode_rows(pending):
+            writer.add(rows, bad, vectors, rationales, failed)
+            bar.update(len(rows) + len(bad))
+    return _finish(output, plan, job)
+
+
+def _start(output: Path, job: dict[str, Any]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    for leftover in output.glob(".*.tmp-*"):
+        leftover.unlink()
+    manifest = output / MANIFEST
+    if manifest.exists():
+        previous = json.loads(manifest.read_text(encoding="utf-8"))
+        before = {key: previous.get(key) for key in job}
+        if before != job:
+            changed = {key: (before[key], job[key]) for key in job if before[key] != job[key]}
+            raise RGEJobError(
+                f"{output} holds an index made with other settings {changed} (before, now); "
+                "use another --output folder or the original settings"
+            )
+    atomic_write_json(manifest, {**job, "complete": False})
+
+
+def _valid_shard(output: Path, plan: ShardPlan, shard: int) -> bool:
+    """A shard file that loads, covers exactly its positions and agrees with itself; others are removed."""
+    path = ShardPlan.path(output, shard)
+    if not path.exists():
+        return False
+    try:
+        arrays, meta = load_arrays(path)
+        positions = meta["positions"] + [error["position"] for error in meta["errors"]]
+        expected = set(range(shard * plan.shard_size, shard * plan.shard_size + plan.rows_in(shard)))
+        ok = len(meta["ids"]) == len(meta["positions"]) == arrays["embeddings"].shape[0] and set(positions) == expected
+    except Exception:  # noqa: BLE001 - any unreadable shard is recomputed
+        ok = False
+    if not ok:
+        path.unlink()
+    return ok
+
+
+def _pending_chunks(
+    rows: Iterator[CorpusRow | BadRow], plan: ShardPlan, done: set[int], chunk_size: int
+) -> Iterator[Chunk]:
+    """Rows of shards still to compute, in chunks that never straddle two shards."""
+    good: list[CorpusRow] = []
+    bad: list[BadRow] = []
+    current = None
+    for row in rows:
+        shard = plan.shard_of(row.position)
+        if shard in done:
+            continue
+        if current is not None and (shard != current or len(good) >= chunk_size):
+            yield good, bad
+            good, bad = [], []
+        current = shard
+        (good if isinstance(row, CorpusRow) else bad).append(row)  # type: ignore[arg-type]
+    if good or bad:
+        yield good, bad
+
+
+class _ShardWriter:
+    """Collects results of one shard at a time and writes it when its last row is in."""
+
+    def __init__(self, output: Path, plan: ShardPlan) -> None:
+        self.output, self.plan = output, plan
+        self._reset(None)
+
+    def _reset(self, shard: int | None) -> None:
+        self.shard = shard
+        self.vectors: list[np.ndarray] = []
+        self.ids: list[str] = []
+        self.positions: list[int] = []
+        self.rationales: list[str] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def add(
+        self,
+        rows: list[CorpusRow],
+        bad: list[BadRow],
+        vectors: np.ndarray,
+        rationales: list[str],
+        failed: dict[int, str],
+    ) -> None:
+        shard = self.plan.shard_of((rows or bad)[0].position)  # type: ignore[operator]
+        if self.shard is None:
+            self._reset(shard)
+        good = [row for row in rows if row.position not in failed]
+        self.vectors.append(vectors)
+        self.ids += [row.id for row in good]
+        self.positions += [row.position for row in good]
+        self.rationales += rationales
+        self.errors += [
+            _error(row.position, row.line, row.id, failed[row.position]) for row in rows if row.position in failed
+        ]
+        self.errors += [_error(row.position, row.line, row.id, row.error) for row in bad]
+        if len(self.positions) + len(self.errors) == self.plan.rows_in(shard):
+            self._write()
+
+    def _write(self) -> None:
+        assert self.shard is not None
+        width = self.vectors[0].shape[1] if self.vectors else 0
+        embeddings = np.concatenate(self.vectors) if self.vectors else np.zeros((0, width), np.float32)
+        order = np.argsort(self.positions, kind="stable")
+        meta = {
+            "ids": [self.ids[i] for i in order],
+            "positions": [self.positions[i] for i in order],
+            "rationales": [self.rationales[i] for i in order] if self.rationales else [],
+            "errors": sorted(self.errors, key=lambda error: error["position"]),
+        }
+        save_arrays(ShardPlan.path(self.output, self.shard), {"embeddings": embeddings[order]}, meta)
+        self._reset(None)
+
+
+def _error(position: int, line: int, row_id: str | None, message: str) -> dict[str, Any]:
+    return {"position": position, "line": line, "id": row_id, "error": message}
+
+
+def _finish(output: Path, plan: ShardPlan, job: dict[str, Any]) -> JobReport:
+    errors: list[dict[str, Any]] = []
+    encoded = 0
+    for shard in range(plan.shards):
+        _, meta = load_arrays(ShardPlan.path(output, shard))
+        errors += meta["errors"]
+        encoded += len(meta["ids"])
+    atomic_write_text(output / ERRORS, "".join(json.dumps(error, ensure_ascii=False) + "\n" for error in errors))
+    atomic_write_json(
+        output / MANIFEST,
+        {**job, "complete": True, "encoded": encoded, "failed": len(errors), "shards": plan.shards},
+    )
+    return JobReport(plan.rows, encoded, len(errors), plan.shards, output, errors)
+
+
+def load_embeddings(path: str | Path, *, return_ids: bool = False) -> Any:
+    """The (N, D) float32 embeddings of an ``rge encode`` output, in input order (failed rows left out).
+
+    With ``return_ids=True``, ``(embeddings, ids)``.
+    """
+    output = Path(path)
+    manifest_path = output / MANIFEST
+    if not manifest_path.exists():
+        raise RGEJobError(f"{output} is not an rge encode output (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if not manifest.get("complete"):
+        raise RGEJobError(f"{output} is unfinished; rerun the same rge encode command to complete it")
+    vectors, ids = [], []
+    for shard in range(manifest["shards"]):
+        arrays, meta = load_arrays(ShardPlan.path(output, shard))
+        vectors.append(arrays["embeddings"])
+        ids += meta["ids"]
+    embeddings = np.concatenate(vectors).astype(np.float32, copy=False)
+    return (embeddings, ids) if return_ids else embeddings
+
+
+def local_encode_rows(encoder: Any, side: str, batch_size: int) -> EncodeRows:
+    """``encode_rows`` for one process: each chunk goes through ``encoder``; bad rows are reported, not fatal."""
+
+    def encode_rows(chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, Result]]:
+        for chunk in chunks:
+            yield chunk, encode_chunk(encoder, chunk[0], side, batch_size)
+
+    return encode_rows
+
+
+def encode_chunk(encoder: Any, rows: Sequence[CorpusRow], side: str, batch_size: int) -> Result:
+    """Encode ``rows``; rows the encoder rejects are reported by position instead of failing the chunk."""
+    items = [{"text": row.text, **({"image": row.image} if row.image else {})} for row in rows]
+    vectors, rationales, failed = encode_items_skipping(encoder, items, side == "query", batch_size)
+    return vectors, rationales, {rows[index].position: message for index, message in failed.items()}
+
+
+def encode_items_skipping(
+    encoder: Any, items: list[dict[str, Any]], reason: bool, batch_size: int
+) -> tuple[np.ndarray, list[str], dict[int, str]]:
+    """Embeddings and rationales of the items the encoder accepts, and the error of each rejected index.
+
+    A rejected item is dropped and the call retried; validation runs before any model work, so a retry
+    costs no model time.
+    """
+    remaining, failed = list(range(len(items))), dict[int, str]()
+    while remaining:
+        try:
+            vectors, rationales = encoder.encode(
+                [items[i] for i in remaining],
+                reason=reason,
+                batch_size=batch_size,
+                return_rationales=True,
+                show_progress_bar=False,
+            )
+            return vectors, list(rationales) if reason else [], failed
+        except RGEInputError as error:
+            if error.index is None:
+                raise
+            failed[remaining.pop(error.index)] = str(error).split(": ", 1)[-1]
+    return np.zeros((0, encoder.embedding_dim), np.float32), [], failed
+
+
+__all__ = ["BadRow", "CorpusRow", "JobReport", "RGEJobError", "encode_corpus", "load_embeddings", "read_corpus"]

@@ -1,0 +1,232 @@
+"""`rge encode`: streaming, bad rows reported, crash-safe resume, same result on Ray as locally."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rge import load_embeddings
+from rge.cli import ENCODE_EXIT_ROWS_FAILED, main
+from rge.corpus import RGEJobError
+from rge.testing import make_test_image
+
+from .conftest import MAX_PIXELS, MIN_PIXELS
+
+
+def _write_corpus(folder: Path, count: int = 23) -> Path:
+    """JSONL with text rows, relative and absolute image paths, and five kinds of bad row."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for seed in range(3):
+        make_test_image(50 + 20 * seed, 40, seed=seed).save(folder / "img" / f"{seed}.png")
+    (folder / "img" / "broken.png").write_bytes(b"not a png")
+    lines = []
+    for i in range(count):
+        row = {"id": f"doc-{i}", "text": f"document {i} about {'cats' if i % 2 else 'the red car by the river'}"}
+        if i % 4 == 1:
+            row["image"] = f"img/{i % 3}.png"
+        if i % 7 == 3:
+            row["image"] = str((folder / "img" / "2.png").resolve())
+        lines.append(json.dumps(row))
+    bad = {
+        5: json.dumps({"id": "doc-5", "text": "x", "image": "img/missing.png"}),
+        9: "{broken json",
+        12: json.dumps({"id": "doc-12", "text": 42}),
+        15: json.dumps({"text": "no id"}),
+        18: json.dumps({"id": "doc-18", "text": "y", "image": "img/broken.png"}),
+    }
+    lines = [bad.get(i, line) for i, line in enumerate(lines)]
+    lines.insert(4, "")  # blank lines are not rows
+    path = folder / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _args(corpus: Path, output: Path, tiny_path: Path, *extra: str) -> list[str]:
+    return ["encode", str(corpus), "--model", str(tiny_path), "--output", str(output), "--device", "cpu",
+            "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS), "--batch-size", "3",
+            "--shard-size", "5", *extra]  # fmt: skip
+
+
+def _expected(encoder, corpus: Path, reason: bool):
+    rows = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip() and line != "{broken json"]
+    good = [r for r in rows if "id" in r and isinstance(r.get("text"), str) and "missing" not in r.get("image", "")
+            and "broken" not in r.get("image", "")]  # fmt: skip
+    items = [{"text": r["text"], **({"image": corpus.parent / r["image"]} if "image" in r else {})} for r in good]
+    vectors, rationales = encoder.encode(items, reason=reason, return_rationales=True)
+    return vectors, [r["id"] for r in good], list(rationales)
+
+
+def test_encode_reports_bad_rows_and_keeps_input_order(encoder, tiny_path, tmp_path, capsys):
+    corpus = _write_corpus(tmp_path)
+    code = main(_args(corpus, tmp_path / "index", tiny_path))
+    assert code == ENCODE_EXIT_ROWS_FAILED
+    vectors, ids = load_embeddings(tmp_path / "index", return_ids=True)
+    expected, expected_ids, _ = _expected(encoder, corpus, reason=False)
+    assert ids == expected_ids and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    errors = [json.loads(line) for line in (tmp_path / "index" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [
+        (7, "doc-5"), (11, None), (14, "doc-12"), (17, None), (20, "doc-18")
+    ]  # fmt: skip
+    messages = " | ".join(e["error"] for e in errors)
+    for expected_message in ("image file not found", "invalid JSON", "'text' must be a string", "missing or invalid 'id'",
+                             "cannot be decoded"):  # fmt: skip
+        assert expected_message in messages
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["encoded"] == 18 and manifest["failed"] == 5 and manifest["rows"] == 23
+    assert "5 rows failed" in capsys.readouterr().err
+
+
+def test_query_side_stores_rationales(encoder, tiny_path, tmp_path):
+    corpus = _write_corpus(tmp_path, count=8)
+    main(_args(corpus, tmp_path / "q", tiny_path, "--side", "query", "--max-new-tokens", "6"))
+    from rge.storage import load_arrays
+
+    shards = sorted((tmp_path / "q").glob("shard-*"))
+    rationales = [r for shard in shards for r in load_arrays(shard)[1]["rationales"]]
+    encoder_budget = encoder.max_new_tokens
+    try:
+        encoder.max_new_tokens = 6
+        expected, _, expected_rationales = _expected(encoder, corpus, reason=True)
+    finally:
+        encoder.max_new_tokens = encoder_budget
+    assert rationales == expected_rationales
+    np.testing.assert_allclose(load_embeddings(tmp_path / "q"), expected, atol=1e-5)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_path, tmp_path):
+    corpus = _write_corpus(tmp_path, count=60)
+    args = _args(corpus, tmp_path / "killed", tiny_path, "--side", "query", "--max-new-tokens", "16",
+                 "--shard-size", "4", "--batch-size", "2")  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "rge.cli", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("shard-00001.*")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it could be killed; the test proves nothing"
+    survivors = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("shard-*")}
+    assert survivors
+
+    assert main(args) == ENCODE_EXIT_ROWS_FAILED
+    for name, mtime in survivors.items():  # finished shards were kept, not recomputed
+        assert (tmp_path / "killed" / name).stat().st_mtime_ns == mtime
+    assert main([*args[:5], str(tmp_path / "clean"), *args[6:]]) == ENCODE_EXIT_ROWS_FAILED
+    resumed, resumed_ids = load_embeddings(tmp_path / "killed", return_ids=True)
+    clean, clean_ids = load_embeddings(tmp_path / "clean", return_ids=True)
+    assert resumed_ids == clean_ids and len(set(clean_ids)) == len(clean_ids)
+    np.testing.assert_array_equal(resumed, clean)
+    assert (tmp_path / "killed" / "errors.jsonl").read_text() == (tmp_path / "clean" / "errors.jsonl").read_text()
+
+
+def test_corrupt_and_partial_shards_are_rewritten(tiny_path, tmp_path):
+    corpus = _write_corpus(tmp_path)
+    output = tmp_path / "index"
+    main(_args(corpus, output, tiny_path))
+    clean, clean_ids = load_embeddings(output, return_ids=True)
+    (output / "shard-00001.safetensors").write_bytes((output / "shard-00001.safetensors").read_bytes()[:100])
+    (output / "shard-00002.safetensors").write_bytes((output / "shard-00000.safetensors").read_bytes())
+    (output / ".shard-00003.safetensors.tmp-999").write_bytes(b"partial")
+    (output / "shard-00004.safetensors").unlink()
+    assert main(_args(corpus, output, tiny_path)) == ENCODE_EXIT_ROWS_FAILED
+    again, again_ids = load_embeddings(output, return_ids=True)
+    assert again_ids == clean_ids
+    np.testing.assert_array_equal(again, clean)
+    assert not list(output.glob(".*tmp*"))
+
+
+def test_other_settings_are_refused(tiny_path, tmp_path, capsys):
+    corpus = _write_corpus(tmp_path, count=6)
+    main(_args(corpus, tmp_path / "index", tiny_path))
+    assert main(_args(corpus, tmp_path / "index", tiny_path, "--side", "query")) == 2
+    error = capsys.readouterr().err
+    assert "other settings" in error and "'side': ('document', 'query')" in error
+    assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED  # same settings: fine
+
+
+def test_unfinished_or_foreign_outputs_do_not_load(tmp_path):
+    with pytest.raises(RGEJobError, match="not an rge encode output"):
+        load_embeddings(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": False}))
+    with pytest.raises(RGEJobError, match="unfinished"):
+        load_embeddings(tmp_path)
+
+
+def test_parquet_input_equals_jsonl(tiny_path, tmp_path):
+    rows = [{"id": f"r{i}", "text": f"row {i}", "image": "img/0.png" if i % 3 == 0 else None} for i in range(11)]
+    (tmp_path / "img").mkdir()
+    make_test_image(60, 40, seed=0).save(tmp_path / "img" / "0.png")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus.parquet")
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v}) + "\n" for r in rows))
+    assert main(_args(tmp_path / "corpus.parquet", tmp_path / "p", tiny_path)) == 0
+    assert main(_args(tmp_path / "corpus.jsonl", tmp_path / "j", tiny_path)) == 0
+    np.testing.assert_array_equal(load_embeddings(tmp_path / "p"), load_embeddings(tmp_path / "j"))
+
+
+def test_input_is_streamed(tmp_path):
+    from rge.corpus import read_corpus
+
+    path = tmp_path / "big.jsonl"
+    with path.open("w") as handle:
+        for i in range(200_000):
+            handle.write(f'{{"id": {i}, "text": "row"}}\n')
+    start = time.perf_counter()
+    first = next(iter(read_corpus(path)))
+    assert first.id == "0" and time.perf_counter() - start < 0.5
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_path_equals_local_path(ray_cluster, tiny_path, tmp_path):
+    corpus = _write_corpus(tmp_path)
+    assert main(_args(corpus, tmp_path / "local", tiny_path)) == ENCODE_EXIT_ROWS_FAILED
+    assert main(_args(corpus, tmp_path / "ray", tiny_path, "--ray", "--workers", "2")) == ENCODE_EXIT_ROWS_FAILED
+    local, local_ids = load_embeddings(tmp_path / "local", return_ids=True)
+    distributed, distributed_ids = load_embeddings(tmp_path / "ray", return_ids=True)
+    assert distributed_ids == local_ids
+    np.testing.assert_allclose(distributed, local, atol=1e-5)
+    assert (tmp_path / "ray" / "errors.jsonl").read_text() == (tmp_path / "local" / "errors.jsonl").read_text()
+
+
+def test_ray_batch_encoder_in_map_batches(ray_cluster, encoder, tiny_path):
+    from rge.integrations.ray import RGEBatchEncoder
+
+    image = make_test_image(50, 50, seed=3)
+    rows = [{"text": "what is in the image?", "image": _png(image)}, {"text": "cat", "image": b""}]
+    dataset = ray_cluster.data.from_items(rows).map_batches(
+        RGEBatchEncoder,
+        fn_constructor_kwargs={"model": str(tiny_path), "side": "query", "device": "cpu", "min_pixels": MIN_PIXELS,
+                               "max_pixels": MAX_PIXELS, "max_new_tokens": encoder.max_new_tokens},
+        compute=ray_cluster.data.ActorPoolStrategy(size=1),
+        batch_size=2,
+    )  # fmt: skip
+    out = dataset.take_all()
+    expected, rationales = encoder.encode_query([{"text": "what is in the image?", "image": image}, "cat"],
+                                                return_rationales=True)  # fmt: skip
+    np.testing.assert_allclose(np.stack([row["embedding"] for row in out]), expected, atol=1e-5)
+    assert [row["rationale"] for row in out] == list(rationales)
+
+
+def _png(image) -> bytes:
+    from rge.testing import image_bytes
+
+    return image_bytes(image)
