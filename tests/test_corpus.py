@@ -79,8 +79,8 @@ def test_encode_reports_bad_rows_and_keeps_input_order(encoder, tiny_path, tmp_p
         (7, "doc-5"), (11, None), (14, "doc-12"), (17, None), (20, "doc-18")
     ]  # fmt: skip
     messages = " | ".join(e["error"] for e in errors)
-    for expected_message in ("image file not found", "invalid JSON", "'text' must be a string", "missing or invalid 'id'",
-                             "cannot be decoded"):  # fmt: skip
+    expected_messages = ["image file not found", "invalid JSON", "'text' must be a string", "missing or invalid 'id'"]
+    for expected_message in [*expected_messages, "cannot be decoded"]:
         assert expected_message in messages
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["encoded"] == 18 and manifest["failed"] == 5 and manifest["rows"] == 23
