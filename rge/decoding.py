@@ -60,7 +60,9 @@ class ReasoningDecoder:
     """Greedy decoding of many queries at once; see the module docstring for the algorithm.
 
     ``batch_size`` bounds the rows decoded together (and so the KV cache). ``admission`` lets waiting
-    queries join the running batch once at least ``admit_fraction`` of it is free.
+    queries join the running batch once at least ``admit_fraction`` of it is free. Queries admitted
+    together are prefilled in groups of similar length that spend at most ``max_padding`` of their
+    tokens on padding, then merged: prefill compute is spent on real tokens.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class ReasoningDecoder:
         batch_size: int,
         admission: bool = True,
         admit_fraction: float = 0.25,
+        max_padding: float = 0.25,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -83,6 +86,7 @@ class ReasoningDecoder:
         self.batch_size = batch_size
         self.admission = admission
         self.admit_at = max(1, int(batch_size * admit_fraction))
+        self.max_padding = max_padding
 
     def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
         """Decode all ``items``; waiting queries are taken longest prompt first."""
@@ -102,7 +106,8 @@ class ReasoningDecoder:
                     free = limit - (running.size if running is not None else 0)
                     if waiting and (running is None or (self.admission and free >= admit_at)):
                         newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                        running = _merge(running, self._prefill(newcomers, outputs))
+                        for group in _length_groups(newcomers, self.max_padding):
+                            running = _merge(running, self._prefill(group, outputs))
                         newcomers = []
                     assert running is not None
                     running, finished = self._step(running, outputs)
@@ -111,7 +116,8 @@ class ReasoningDecoder:
                     if limit == 1:
                         raise
                     # Unfinished rows start again, with half the batch; finished rows keep their results.
-                    retry = newcomers + ([by_index[i] for i in running.indices.tolist()] if running else [])
+                    in_flight = running.indices.tolist() if running else []
+                    retry = list({**{i: by_index[i] for i in in_flight}, **{r.index: r for r in newcomers}}.values())
                     outputs.tokens[[item.index for item in retry]] = -1
                     waiting.extendleft(sorted(retry, key=_longest_first, reverse=True))
                     running, newcomers = None, []
@@ -121,8 +127,12 @@ class ReasoningDecoder:
         generated = [row[row >= 0].tolist() for row in outputs.tokens.cpu()]
         return DecodeResult(outputs.embeddings.cpu(), generated)
 
-    def _next_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Greedy choice from the last-position hidden states (R, D): logits for those rows only."""
+    def next_tokens(self, hidden: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Greedy choice from the last-position hidden states (R, D) of rows still decoding.
+
+        ``indices`` are the rows' item indices and ``counts`` the tokens each has generated so far.
+        Logits are computed for these rows only. (Benchmarks override this to force rationale lengths.)
+        """
         return self.model.lm_head(hidden).argmax(dim=-1)
 
     def _prefill(self, rows: Sequence[TokenizedItem], outputs: _Outputs) -> _Running:
@@ -132,8 +142,8 @@ class ReasoningDecoder:
         positions = build_position_ids(self.model, batch)
         cache = DynamicCache(config=self.model.config)
         hidden = forward_prompts(self.model, batch, positions, cache)
-        first = self._next_tokens(hidden[:, -1])
-        indices = torch.tensor([row.index for row in rows], device=first.device)
+        indices = torch.tensor([row.index for row in rows], device=hidden.device)
+        first = self.next_tokens(hidden[:, -1], indices, torch.zeros_like(indices))
         outputs.tokens[indices, 0] = first
         return _Running(
             cache=cache,
@@ -165,10 +175,24 @@ class ReasoningDecoder:
             keep = (~done).nonzero().squeeze(1)
             hidden = hidden[keep]
             _select_rows(running, keep)
-        running.next_tokens = self._next_tokens(hidden)
+        running.next_tokens = self.next_tokens(hidden, running.indices, running.counts)
         outputs.tokens[running.indices, running.counts] = running.next_tokens
         running.counts = running.counts + 1
         return running, finished
+
+
+def _length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[list[TokenizedItem]]:
+    """Split longest-first ``rows`` into runs whose left padding stays within ``max_padding`` of their tokens."""
+    groups: list[list[TokenizedItem]] = []
+    for row in rows:
+        group = groups[-1] if groups else None
+        if group is not None and sum(map(len, group)) + len(row) >= (1 - max_padding) * len(group[0]) * (
+            len(group) + 1
+        ):
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def _longest_first(item: TokenizedItem) -> tuple[int, int]:

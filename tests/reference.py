@@ -90,7 +90,7 @@ class Reference:
 
     @torch.no_grad()
     def query(
-        self, text: str, image: Image.Image | None = None, max_new_tokens: int = 32
+        self, text: str, image: Image.Image | None = None, max_new_tokens: int = 32, **generate_kwargs: object
     ) -> tuple[torch.Tensor, list[int]]:
         inputs = self.inputs(text, image, candidate=False)
         generated = self.model.generate(
@@ -101,6 +101,7 @@ class Reference:
             pad_token_id=self.tokenizer.pad_token_id,
             do_sample=False,
             use_cache=True,
+            **generate_kwargs,
         )
         tokens = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         out = self.model(
