@@ -129,7 +129,7 @@ class ShardPlan:
 
     @property
     def shards(self) -> int:
-        return max(1, -(-self.rows // self.shard_size))
+        return -(-self.rows // self.shard_size)
 
     def shard_of(self, position: int) -> int:
         return position // self.shard_size
@@ -166,6 +166,8 @@ def encode_corpus(
     """
     input_path, output = Path(input_path), Path(output_dir)
     plan = ShardPlan(count_rows(input_path), shard_size)
+    if plan.rows == 0:
+        raise RGEJobError(f"{input_path} has no rows to encode")
     job = {**settings, "input": str(input_path.resolve()), "shard_size": shard_size, "rows": plan.rows}
     _start(output, job)
     done = {shard for shard in range(plan.shards) if _valid_shard(output, plan, shard)}

@@ -156,6 +156,12 @@ def test_other_settings_are_refused(tiny_path, tmp_path, capsys):
     assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED  # same settings: fine
 
 
+def test_empty_input_is_refused(tiny_path, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert main(_args(tmp_path / "empty.jsonl", tmp_path / "index", tiny_path)) == 2
+    assert "has no rows to encode" in capsys.readouterr().err
+
+
 def test_unfinished_or_foreign_outputs_do_not_load(tmp_path):
     with pytest.raises(RGEJobError, match="not an rge encode output"):
         load_embeddings(tmp_path)
