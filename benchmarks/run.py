@@ -33,7 +33,6 @@ from rge.batching import ModelBatch  # noqa: E402
 from rge.decoding import ReasoningDecoder  # noqa: E402
 from rge.encoder import RGEEncoder  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
-from rge.inputs import normalize_inputs  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.pooling import gather_at_token  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
@@ -229,10 +228,7 @@ def run_rge(encoder: RGEEncoder, texts, images, schedule, batch_size: int, budge
     reset_peak(device)
     start = time.perf_counter()
     with timer.part("inputs"):
-        items, _ = normalize_inputs(texts, images)
-        tokenized = encoder._tokenize(
-            [encoder.checkpoint.template.query(i.text) for i in items], [i.image for i in items]
-        )
+        tokenized, _ = encoder._prepare(texts, images, reason=True, budget=budget)
     result = decoder.run(tokenized)
     sync(device)
     total = time.perf_counter() - start
@@ -266,8 +262,7 @@ def run_generate(encoder: RGEEncoder, texts, images, schedule, batch_size: int, 
 
     device, emb, pad = encoder.device, encoder.checkpoint.emb_token_id, encoder.checkpoint.pad_token_id
     model = encoder.model
-    items, _ = normalize_inputs(texts, images)
-    tokenized = encoder._tokenize([encoder.checkpoint.template.query(i.text) for i in items], [i.image for i in items])
+    tokenized, _ = encoder._prepare(texts, images, reason=True, budget=budget)
     tokens, vectors, timer = [], [], Timer(device)
     reset_peak(device)
     start = time.perf_counter()
@@ -375,10 +370,7 @@ def candidate_workload(count: int) -> list[dict[str, Any]]:
 def run_authors_candidates(encoder: RGEEncoder, docs: list[dict[str, Any]]) -> tuple[float, float]:
     """The authors' batching: input order, 32 rows, left padding to a multiple of 32, full model with all
     hidden states. Returns seconds and the share of padded tokens."""
-    items, _ = normalize_inputs(docs)
-    tokenized = encoder._tokenize(
-        [encoder.checkpoint.template.candidate(i.text) for i in items], [i.image for i in items]
-    )
+    tokenized, _ = encoder._prepare(docs, None, reason=False)
     padded = total = 0
     start = time.perf_counter()
     for first in range(0, len(tokenized), 32):
@@ -403,10 +395,7 @@ def run_authors_candidates(encoder: RGEEncoder, docs: list[dict[str, Any]]) -> t
 def rge_padding_share(encoder: RGEEncoder, docs: list[dict[str, Any]], batch_size: int) -> float:
     from rge.batching import length_sorted_batches
 
-    items, _ = normalize_inputs(docs)
-    tokenized = encoder._tokenize(
-        [encoder.checkpoint.template.candidate(i.text) for i in items], [i.image for i in items]
-    )
+    tokenized, _ = encoder._prepare(docs, None, reason=False)
     batches = length_sorted_batches(tokenized, batch_size)
     total = sum(len(rows) * max(len(r) for r in rows) for rows in batches)
     return 1 - sum(len(r) for r in tokenized) / total
@@ -506,8 +495,7 @@ def floor_suite(encoder: RGEEncoder, args: argparse.Namespace) -> dict[str, Any]
         return result
 
     decoder._step, decoder._prefill = step, prefill
-    items, _ = normalize_inputs(texts, images)
-    decoder.run(encoder._tokenize([encoder.checkpoint.template.query(i.text) for i in items], [i.image for i in items]))
+    decoder.run(encoder._prepare(texts, images, reason=True, budget=args.budget)[0])
     step_ratios = [r["measured_s"] / r["floor_s"] for r in ratios]
     prefill_ratios = [p["measured_s"] / p["floor_s"] for p in prefills]
     return {

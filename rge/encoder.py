@@ -145,18 +145,15 @@ class RGEEncoder:
             raise RGEInputError(f"reason must be a bool, got {type(reason).__name__}")
         batch_size = _positive_int(batch_size, "batch_size")
         budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
-        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose)  # type: ignore[arg-type]
-        progress = show_progress_bar if show_progress_bar is not None else len(items) > batch_size
-        if not items:
+        tokenized, single = self._prepare(texts, images, reason, budget, exif_transpose=exif_transpose)
+        progress = show_progress_bar if show_progress_bar is not None else len(tokenized) > batch_size
+        if not tokenized:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
+        elif reason:
+            embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
         else:
-            tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
-            self._check_lengths(tokenized, budget if reason else 0)
-            if reason:
-                embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
-            else:
-                embeddings = self._encode_candidates(tokenized, batch_size, progress)
-                rationales = Rationales([""] * len(items), [0] * len(items))
+            embeddings = self._encode_candidates(tokenized, batch_size, progress)
+            rationales = Rationales([""] * len(tokenized), [0] * len(tokenized))
         result = _convert(
             l2_normalize(embeddings) if normalize else embeddings, single, convert_to_numpy, convert_to_tensor
         )
@@ -183,6 +180,20 @@ class RGEEncoder:
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return scores
         return scores.numpy()
+
+    def _prepare(
+        self, texts: Any, images: Any, reason: bool, budget: int | None = None, *, exif_transpose: bool = True
+    ) -> tuple[list[TokenizedItem], bool]:
+        """Validated inputs as prompt token ids (the query or the candidate prompt), and whether input was single.
+
+        Everything that can reject an input happens here, before any model work.
+        """
+        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose)
+        if not items:
+            return [], single
+        tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
+        self._check_lengths(tokenized, (self.max_new_tokens if budget is None else budget) if reason else 0)
+        return tokenized, single
 
     def _check_lengths(self, items: list[TokenizedItem], budget: int) -> None:
         for item in items:

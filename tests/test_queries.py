@@ -28,10 +28,7 @@ def test_fixture_stops_at_different_steps(reference_queries, encoder):
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
 @pytest.mark.parametrize("admission", [True, False])
 def test_matches_reference(encoder: RGEEncoder, reference_queries, mixed_items, batch_size, admission):
-    tokenized = encoder._tokenize(
-        [encoder.checkpoint.template.query(item.text) for item in _items(mixed_items)],
-        [item.image for item in _items(mixed_items)],
-    )
+    tokenized, _ = encoder._prepare([text for text, _ in mixed_items], [image for _, image in mixed_items], reason=True)
     embeddings, rationales = encoder._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
     for row, (expected, tokens) in enumerate(reference_queries):
         assert rationales.num_generated_tokens[row] == len(tokens), row
@@ -84,10 +81,3 @@ def test_query_and_candidate_encodings_differ(encoder):
 
 def test_documents_can_reason_too(encoder):
     assert cosine(encoder.encode_document("cat", reason=True), encoder.encode_query("cat")) >= 0.9999
-
-
-def _items(mixed_items):
-    from rge.inputs import normalize_inputs
-
-    items, _ = normalize_inputs([text for text, _ in mixed_items], [image for _, image in mixed_items])
-    return items
