@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .errors import RGEInputError
-from .storage import atomic_write_json, atomic_write_text, load_arrays, save_arrays
+from .storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -185,17 +185,13 @@ def _start(output: Path, job: dict[str, Any]) -> None:
     output.mkdir(parents=True, exist_ok=True)
     for leftover in output.glob(".*.tmp-*"):
         leftover.unlink()
-    manifest = output / MANIFEST
-    if manifest.exists():
-        previous = json.loads(manifest.read_text(encoding="utf-8"))
-        before = {key: previous.get(key) for key in job}
-        if before != job:
-            changed = {key: (before[key], job[key]) for key in job if before[key] != job[key]}
-            raise RGEJobError(
-                f"{output} holds an index made with other settings {changed} (before, now); "
-                "use another --output folder or the original settings"
-            )
-    atomic_write_json(manifest, {**job, "complete": False})
+    changed = changed_settings(output / MANIFEST, job)
+    if changed:
+        raise RGEJobError(
+            f"{output} holds an index made with other settings {changed} (before, now); "
+            "use another --output folder or the original settings"
+        )
+    atomic_write_json(output / MANIFEST, {**job, "complete": False})
 
 
 def _valid_shard(output: Path, plan: ShardPlan, shard: int) -> bool:

@@ -23,6 +23,17 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+def changed_settings(path: Path, settings: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (recorded, now)}`` for each of ``settings`` that differs from the JSON file at ``path``.
+
+    Empty when the file does not exist yet: a new output folder is compatible with any settings.
+    """
+    if not path.exists():
+        return {}
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    return {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
+
+
 def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any] | None = None) -> None:
     """Save numpy arrays as safetensors atomically; ``metadata`` values are stored as JSON."""
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -22,7 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..prompts import MMEB_IMAGE_MARKER, VISION_BLOCK
-from ..storage import atomic_write_json, atomic_write_text, load_arrays, save_arrays
+from ..storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
 GROUPS: dict[str, list[str]] = {
     "Classification": ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397",
@@ -202,16 +202,12 @@ def evaluate(
 
 
 def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    if path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        if previous != settings:
-            changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-            raise ValueError(
-                f"{path.parent} holds results made with other settings {changed} (before, now); "
-                "use another --output folder"
-            )
-    else:
-        atomic_write_json(path, settings)
+    changed = changed_settings(path, settings)
+    if changed:
+        raise ValueError(
+            f"{path.parent} holds results made with other settings {changed} (before, now); use another --output folder"
+        )
+    atomic_write_json(path, settings)
 
 
 @dataclass
