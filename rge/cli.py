@@ -7,6 +7,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 DEMO_QUERY = "Answer the question based on the given image: What is in the image?\n"
 DEMO_CANDIDATES = [
@@ -28,30 +29,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         dest="benchmark", required=True
     )
     mmeb = evaluation.add_parser("mmeb", help="MMEB (36 image tasks, Precision@1) with the authors' protocol")
-    mmeb.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
     mmeb.add_argument("--data", required=True, help="local snapshot of TIGER-Lab/MMEB-eval (one folder per subset)")
     mmeb.add_argument("--images", required=True, help="folder the *_img_path values are relative to")
     mmeb.add_argument("--output", required=True, help="results folder (a rerun resumes from it)")
     mmeb.add_argument("--subsets", nargs="+", help="subsets to run (default: all 36)")
-    mmeb.add_argument("--batch-size", type=int, default=16)
-    mmeb.add_argument("--max-new-tokens", type=int, default=128)
-    mmeb.add_argument("--min-pixels", type=int, help="default 256*28*28")
-    mmeb.add_argument("--max-pixels", type=int, help="default 1024*28*28")
-    mmeb.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    mmeb.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    add_model_options(mmeb)
     mmeb.add_argument("--no-reason", action="store_true", help="queries without reasoning (the paper's baseline)")
     encode = commands.add_parser("encode", help="encode a corpus (JSONL or parquet) into resumable shards")
     encode.add_argument("input", help="JSONL (one object per line: id, text, optional image) or parquet")
-    encode.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
     encode.add_argument("--output", required=True, help="index folder (a rerun resumes from it)")
     encode.add_argument("--side", choices=["document", "query"], default="document")
-    encode.add_argument("--batch-size", type=int, default=16)
     encode.add_argument("--shard-size", type=int, default=10000)
-    encode.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    encode.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
-    encode.add_argument("--min-pixels", type=int, help="default 256*28*28")
-    encode.add_argument("--max-pixels", type=int, help="default 1024*28*28")
-    encode.add_argument("--max-new-tokens", type=int, default=128, help="reasoning budget (--side query)")
+    add_model_options(encode)
     encode.add_argument("--ray", action="store_true", help="run on a Ray cluster (pip install 'rge[ray]')")
     encode.add_argument("--ray-address", help="cluster to join (default: start a local one; 'auto' to find one)")
     encode.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own model copy")
@@ -61,6 +50,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "encode":
         return run_encode(args)
     return run_demo(args.model, tiny=args.tiny, image=args.image, device=args.device)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and loading options that every model-running command takes."""
+    parser.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="reasoning budget of the query path")
+    parser.add_argument("--min-pixels", type=int, help="default 256*28*28")
+    parser.add_argument("--max-pixels", type=int, help="default 1024*28*28")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``RGEEncoder.from_pretrained`` keyword arguments from ``add_model_options``' options."""
+    return {"device": args.device, "dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
+            "max_new_tokens": args.max_new_tokens}  # fmt: skip
 
 
 def run_mmeb(args: argparse.Namespace) -> int:
@@ -73,10 +79,7 @@ def run_mmeb(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"rge eval mmeb: {error}", file=sys.stderr)
         return 2
-    encoder = RGEEncoder.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        max_new_tokens=args.max_new_tokens,
-    )  # fmt: skip
+    encoder = RGEEncoder.from_pretrained(args.model, **load_options(args))
     summary = mmeb.evaluate(
         encoder, args.data, args.images, args.output, subsets, reason=not args.no_reason, batch_size=args.batch_size
     )
@@ -94,8 +97,7 @@ def run_encode(args: argparse.Namespace) -> int:
     from rge.corpus import RGEJobError, encode_corpus, local_encode_rows
     from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
-    load = {"device": args.device, "dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-            "max_new_tokens": args.max_new_tokens}  # fmt: skip
+    load = load_options(args)
     settings = {
         "model": args.model, "side": args.side, "dtype": args.dtype,
         "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
