@@ -29,12 +29,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rge.batching import ModelBatch  # noqa: E402
-from rge.decoding import ReasoningDecoder  # noqa: E402
+from rge.engine.batching import ModelBatch  # noqa: E402
+from rge.engine.decoder import ReasoningDecoder  # noqa: E402
 from rge.encoder import RGEEncoder  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
-from rge.pooling import gather_at_token  # noqa: E402
+from rge.engine.pooling import gather_at_token  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
 from rge.testing import QWEN25_VL_CHAT_TEMPLATE, build_tiny_tokenizer, make_test_image  # noqa: E402
 from tests.reference import Reference  # noqa: E402
@@ -393,7 +393,7 @@ def run_authors_candidates(encoder: RGEEncoder, docs: list[dict[str, Any]]) -> t
 
 
 def rge_padding_share(encoder: RGEEncoder, docs: list[dict[str, Any]], batch_size: int) -> float:
-    from rge.batching import length_sorted_batches
+    from rge.engine.batching import length_sorted_batches
 
     tokenized, _ = encoder._prepare(docs, None, reason=False)
     batches = length_sorted_batches(tokenized, batch_size)

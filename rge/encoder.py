@@ -10,9 +10,9 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from .batching import TokenizedItem, Tokenizer, collate
-from .candidates import embed_candidates
-from .decoding import ReasoningDecoder
+from .engine.batching import TokenizedItem, Tokenizer, collate
+from .engine.candidates import embed_candidates
+from .engine.decoder import ReasoningDecoder
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
 from .loading import (
@@ -23,7 +23,7 @@ from .loading import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from .pooling import l2_normalize
+from .engine.pooling import l2_normalize
 from .prompts import EMB_TOKEN
 from .types import Embeddings, EncodeInput, ImageInput
 

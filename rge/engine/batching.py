@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .images import VisionPreprocessor
+from ..images import VisionPreprocessor
 
 IMAGE_TOKEN_TYPE = 1
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem
-from .modeling import build_position_ids, forward_prompts, release_memory
+from .forward import build_position_ids, forward_prompts, release_memory
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem, length_sorted_batches
-from .modeling import build_position_ids, forward_prompts, release_memory
+from .forward import build_position_ids, forward_prompts, release_memory
 from .pooling import gather_at_token
 
 
