@@ -29,14 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from rge.encoder import RGEEncoder  # noqa: E402
 from rge.engine.batching import ModelBatch  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
-from rge.encoder import RGEEncoder  # noqa: E402
+from rge.engine.generation import GenerationSettings  # noqa: E402
+from rge.engine.pooling import gather_at_token  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
-from rge.engine.pooling import gather_at_token  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
-from rge.testing import QWEN25_VL_CHAT_TEMPLATE, build_tiny_tokenizer, make_test_image  # noqa: E402
+from rge.testing import BASE_MODEL_DECODING, QWEN25_VL_CHAT_TEMPLATE, build_tiny_tokenizer, make_test_image  # noqa: E402
 from tests.reference import Reference  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -84,10 +85,12 @@ def build_encoder(size: str, device: torch.device, dtype: torch.dtype, budget: i
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval().requires_grad_(False)
+    model.generation_config.update(**BASE_MODEL_DECODING)  # every variant decodes as the real checkpoint does
     checkpoint = LoadedCheckpoint(
         model=model, tokenizer=tokenizer, vision=VisionPreprocessor(Qwen2VLImageProcessorPil(), *pixels),
         template=PromptTemplate.from_chat_template(tokenizer, QWEN25_VL_CHAT_TEMPLATE), emb_token_id=ids["<emb>"],
         image_pad_id=ids["<|image_pad|>"], pad_token_id=ids["<|endoftext|>"], path=Path(f"<random {size}>"),
+        generation=GenerationSettings(**BASE_MODEL_DECODING, source="benchmark"),
     )  # fmt: skip
     return RGEEncoder(checkpoint, max_new_tokens=budget)
 
@@ -126,8 +129,8 @@ class ForcedDecoder(ReasoningDecoder):
         self.schedule = torch.tensor(schedule, device=self.model.device)
         self.banned = list(banned)
 
-    def next_tokens(self, hidden: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(hidden).float()
+    def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        logits = scores.clone()
         logits[:, self.banned + [self.emb_token_id]] = -torch.inf
         tokens = logits.argmax(dim=-1)
         tokens[self.schedule[indices] == counts + 1] = self.emb_token_id
@@ -210,7 +213,7 @@ def run_rge(encoder: RGEEncoder, texts, images, schedule, batch_size: int, budge
     timer, steps, peak = Timer(device), [], [0]
     decoder = ForcedDecoder(encoder.model, encoder._model_batch, encoder.checkpoint.emb_token_id,
                             max_new_tokens=budget, batch_size=batch_size, admission=admission, schedule=schedule,
-                            banned=banned_ids(encoder))  # fmt: skip
+                            banned=banned_ids(encoder), generation=encoder.generation_settings)  # fmt: skip
     original_step = decoder._step
 
     def step(running, outputs):
@@ -468,7 +471,7 @@ def floor_suite(encoder: RGEEncoder, args: argparse.Namespace) -> dict[str, Any]
     run_rge(encoder, texts[:4], images[:4], schedule[:4], 4, args.budget, True)
     decoder = ForcedDecoder(model, encoder._model_batch, encoder.checkpoint.emb_token_id, max_new_tokens=args.budget,
                             batch_size=batch_size, admission=True, schedule=schedule,
-                            banned=banned_ids(encoder))  # fmt: skip
+                            banned=banned_ids(encoder), generation=encoder.generation_settings)  # fmt: skip
     ratios, original = [], decoder._step
 
     def step(running, outputs):

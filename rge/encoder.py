@@ -13,6 +13,8 @@ import torch
 from .engine.batching import TokenizedItem, Tokenizer, collate
 from .engine.candidates import embed_candidates
 from .engine.decoder import ReasoningDecoder
+from .engine.generation import GenerationSettings
+from .engine.pooling import l2_normalize
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
 from .loading import (
@@ -23,7 +25,6 @@ from .loading import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from .engine.pooling import l2_normalize
 from .prompts import EMB_TOKEN
 from .types import Embeddings, EncodeInput, ImageInput
 
@@ -31,13 +32,14 @@ from .types import Embeddings, EncodeInput, ImageInput
 class Rationales(list[str]):
     """The rationales of an ``encode`` call, in input order ("" on the candidate path).
 
-    ``num_generated_tokens`` holds, per item, how many tokens the query path generated (``<emb>``
-    included when it was emitted; 0 on the candidate path).
+    ``token_ids`` holds, per item, the token ids the query path generated (``<emb>`` included when it was
+    emitted; empty on the candidate path) and ``num_generated_tokens`` their counts.
     """
 
-    def __init__(self, texts: Sequence[str], num_generated_tokens: Sequence[int]) -> None:
+    def __init__(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
         super().__init__(texts)
-        self.num_generated_tokens = list(num_generated_tokens)
+        self.token_ids = [list(ids) for ids in token_ids]
+        self.num_generated_tokens = [len(ids) for ids in self.token_ids]
 
 
 class RGEEncoder:
@@ -48,10 +50,18 @@ class RGEEncoder:
     """
 
     def __init__(
-        self, checkpoint: LoadedCheckpoint, *, max_new_tokens: int = 128, max_length: int | None = None
+        self,
+        checkpoint: LoadedCheckpoint,
+        *,
+        max_new_tokens: int = 128,
+        max_length: int | None = None,
+        repetition_penalty: float | None = None,
     ) -> None:
         self.checkpoint = checkpoint
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        self.generation_settings: GenerationSettings = _settings(checkpoint.generation, repetition_penalty)
+        """How queries choose rationale tokens: the checkpoint's generation config, as the authors'
+        ``generate`` call applies it, with any override given here."""
         context = int(checkpoint.model.config.text_config.max_position_embeddings)
         self.max_length = context if max_length is None else _positive_int(max_length, "max_length")
         """Longest prompt, in tokens (image tokens included, plus the reasoning budget for queries)."""
@@ -72,6 +82,7 @@ class RGEEncoder:
         max_pixels: int | None = None,
         max_new_tokens: int = 128,
         max_length: int | None = None,
+        repetition_penalty: float | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
@@ -81,7 +92,9 @@ class RGEEncoder:
 
         Defaults: CUDA if available else CPU; bf16 on CUDA, fp32 on CPU; flash-attention 2 when it
         imports on CUDA, else sdpa; 256*28*28 to 1024*28*28 pixels per image (the paper's budget);
-        ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated).
+        ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated);
+        queries decode as the checkpoint's ``generation_config.json`` says (its repetition penalty;
+        ``repetition_penalty=1.0`` gives plain greedy decoding).
         """
         resolved_device = choose_device(device)
         path = resolve_checkpoint(
@@ -95,7 +108,9 @@ class RGEEncoder:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
-        return cls(checkpoint, max_new_tokens=max_new_tokens, max_length=max_length)
+        return cls(
+            checkpoint, max_new_tokens=max_new_tokens, max_length=max_length, repetition_penalty=repetition_penalty
+        )
 
     @property
     def model(self) -> Any:
@@ -129,6 +144,7 @@ class RGEEncoder:
         max_new_tokens: int | None = None,
         *,
         exif_transpose: bool = True,
+        repetition_penalty: float | None = None,
         **unknown: Any,
     ) -> Any:
         """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a list of them) with their ``images``.
@@ -137,7 +153,7 @@ class RGEEncoder:
         in input order (1-D for a single input), numpy unless ``convert_to_tensor`` or
         ``convert_to_numpy=False``; with ``return_rationales=True``, ``(embeddings, Rationales)``.
         ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
-        evaluation loads them.
+        evaluation loads them. ``repetition_penalty`` overrides ``generation_settings`` for this call.
         """
         if unknown:
             raise RGEInputError(f"unknown keyword arguments: {', '.join(sorted(unknown))}")
@@ -145,15 +161,18 @@ class RGEEncoder:
             raise RGEInputError(f"reason must be a bool, got {type(reason).__name__}")
         batch_size = _positive_int(batch_size, "batch_size")
         budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
+        generation = _settings(self.generation_settings, repetition_penalty)
         tokenized, single = self._prepare(texts, images, reason, budget, exif_transpose=exif_transpose)
         progress = show_progress_bar if show_progress_bar is not None else len(tokenized) > batch_size
         if not tokenized:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
         elif reason:
-            embeddings, rationales = self._encode_reasoning(tokenized, batch_size, budget, progress)
+            embeddings, rationales = self._encode_reasoning(
+                tokenized, batch_size, budget, progress, generation=generation
+            )
         else:
             embeddings = self._encode_candidates(tokenized, batch_size, progress)
-            rationales = Rationales([""] * len(tokenized), [0] * len(tokenized))
+            rationales = Rationales([""] * len(tokenized), [[] for _ in tokenized])
         result = _convert(
             l2_normalize(embeddings) if normalize else embeddings, single, convert_to_numpy, convert_to_tensor
         )
@@ -214,7 +233,13 @@ class RGEEncoder:
         )
 
     def _encode_reasoning(
-        self, items: list[TokenizedItem], batch_size: int, budget: int, progress: bool, admission: bool = True
+        self,
+        items: list[TokenizedItem],
+        batch_size: int,
+        budget: int,
+        progress: bool,
+        admission: bool = True,
+        generation: GenerationSettings | None = None,
     ) -> tuple[torch.Tensor, Rationales]:
         decoder = ReasoningDecoder(
             self.model,
@@ -223,10 +248,11 @@ class RGEEncoder:
             max_new_tokens=budget,
             batch_size=batch_size,
             admission=admission,
+            generation=generation or self.generation_settings,
         )
         result = decoder.run(items, progress)
         texts = [self._rationale_text(tokens) for tokens in result.generated]
-        return result.embeddings, Rationales(texts, [len(tokens) for tokens in result.generated])
+        return result.embeddings, Rationales(texts, result.generated)
 
     def _rationale_text(self, tokens: list[int]) -> str:
         if tokens and tokens[-1] == self.checkpoint.emb_token_id:
@@ -236,6 +262,13 @@ class RGEEncoder:
 
     def _model_batch(self, rows: Sequence[TokenizedItem]) -> Any:
         return self._make_batch(rows).to(self.device, self.dtype)
+
+
+def _settings(settings: GenerationSettings, repetition_penalty: float | None) -> GenerationSettings:
+    try:
+        return settings.with_penalty(repetition_penalty)
+    except ValueError as error:
+        raise RGEInputError(str(error)) from None
 
 
 def _positive_int(value: object, name: str) -> int:

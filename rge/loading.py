@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .engine.generation import GenerationSettings
 from .errors import RGECheckpointError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VisionPreprocessor
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
@@ -37,6 +38,7 @@ class LoadedCheckpoint:
     image_pad_id: int
     pad_token_id: int
     path: Path
+    generation: GenerationSettings
 
 
 def resolve_checkpoint(
@@ -154,10 +156,16 @@ def load_checkpoint(
         min_pixels=DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels,
         max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
     )
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, attn_implementation=attn_implementation
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        str(path),
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported in the loading info, then refused below with the others
     )
-    model.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]  # transformers' typed wrapper
+    model, loading_info = loaded
+    check_loading_info(loading_info, path)
+    model.to(device).eval().requires_grad_(False)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedCheckpoint(
         model=model,
@@ -168,4 +176,34 @@ def load_checkpoint(
         image_pad_id=image_pad_id,
         pad_token_id=int(pad_token_id or 0),
         path=path,
+        generation=GenerationSettings.from_checkpoint(path),
     )
+
+
+def check_loading_info(info: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose weights did not all load: a missing weight would be left at its random
+    initial value, an unexpected one ignored, a mismatched one not read."""
+    problems = {
+        kind: sorted(_describe(key) for key in info.get(f"{kind}_keys", ()))
+        for kind in ("missing", "unexpected", "mismatched")
+    }
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    errors = [str(message) for message in info.get("error_msgs", ())]
+    if problems or errors:
+        listed = "; ".join(f"{kind} weights: {', '.join(_shorten(keys))}" for kind, keys in problems.items())
+        raise RGECheckpointError(
+            f"the weights in {path} do not match the model ({'; '.join(filter(None, [listed, *errors]))}); "
+            "rge refuses a checkpoint that does not load exactly (names as transformers 5.x spells them)"
+        )
+
+
+def _describe(key: Any) -> str:
+    """A weight name; a mismatched one (name, checkpoint shape, model shape) with both shapes."""
+    if isinstance(key, tuple) and len(key) == 3:
+        name, stored, expected = key
+        return f"{name} (checkpoint {list(stored)}, model {list(expected)})"
+    return str(key)
+
+
+def _shorten(keys: list[str], limit: int = 8) -> list[str]:
+    return keys if len(keys) <= limit else [*keys[:limit], f"... ({len(keys) - limit} more)"]

@@ -20,12 +20,14 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny5"), emb_budget=BUDGET)
+    """Shaped like the published checkpoint: 4.51.3 files, tied padded vocabulary, real norms, base decoding."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny4"), emb_budget=BUDGET)
 
 
 @pytest.fixture(scope="session")
-def tiny_legacy_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny4"), layout="transformers4", emb_budget=BUDGET)
+def tiny5_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model saved in the transformers 5.x layout."""
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny5"), layout="transformers5", emb_budget=BUDGET)
 
 
 @pytest.fixture(scope="session")

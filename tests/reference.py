@@ -1,9 +1,10 @@
 """The reference algorithm, written independently of rge's batching: one item at a time.
 
 Inputs are built the way the Qwen2.5-VL processor builds them (chat template, ``<|image_pad|>``
-repeated in the string, then tokenised). Queries run HF ``generate`` with ``<emb>`` as the only stop
-token and one extra forward pass that feeds the last generated token, as the authors' code does;
-candidates run one full-model forward and read the last layer at the first ``<emb>``.
+repeated in the string, then tokenised). Queries run the authors' ``generate`` call (``<emb>`` as the only
+stop token, no decoding argument: the checkpoint's generation config decides) and their extra forward
+pass that feeds the last generated token; candidates run one full-model forward and read the last layer
+at the first ``<emb>``.
 """
 
 from __future__ import annotations
@@ -96,18 +97,19 @@ class Reference:
         generated = self.model.generate(
             **inputs,
             return_dict_in_generate=True,
+            output_hidden_states=True,
             max_new_tokens=max_new_tokens,
             eos_token_id=self.emb_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            do_sample=False,
             use_cache=True,
             **generate_kwargs,
         )
         tokens = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        past_seen = generated.past_key_values.get_seq_length()
         out = self.model(
             input_ids=generated.sequences[:, -1:],
             past_key_values=generated.past_key_values,
-            use_cache=True,
+            cache_position=torch.arange(past_seen, past_seen + 1),
             output_hidden_states=True,
+            use_cache=True,
         )
         return out.hidden_states[-1][0, -1], tokens

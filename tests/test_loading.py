@@ -1,18 +1,24 @@
-"""Checkpoint loading: both layouts, the hub path offline, a clear error without <emb>, defaults, pixel cap."""
+"""Checkpoint loading: the 4.51.3 layout exactly and strictly, the 5.x layout, the hub path offline, a clear
+error without <emb>, defaults, pixel cap."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rge import RGECheckpointError, RGEEncoder
 from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from rge.loading import choose_attention, choose_device, choose_dtype
-from rge.testing import build_tiny_checkpoint, install_in_hf_cache, make_test_image
+from rge.testing import EMB, build_tiny_checkpoint, install_in_hf_cache, make_test_image
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
 
@@ -29,15 +35,91 @@ def _load(path, **kwargs):
     )
 
 
-def test_both_layouts_load_and_agree(encoder, tiny_legacy_path):
-    legacy_files = {p.name for p in tiny_legacy_path.iterdir()}
-    assert {"preprocessor_config.json", "chat_template.json", "model.safetensors.index.json"} <= legacy_files
-    assert "processor_config.json" not in legacy_files and "chat_template.jinja" not in legacy_files
-    legacy = _load(tiny_legacy_path)
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _stored_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = _read_json(path / "model.safetensors.index.json")["weight_map"]
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index.values())):
+        weights.update(load_file(path / shard))
+    return weights
+
+
+def test_test_checkpoint_has_the_published_layout(tiny_path, encoder):
+    """What the 4.51.3-saved MCG-NJU/RGE has, and a kind test checkpoint would lack."""
+    files = {p.name for p in tiny_path.iterdir()}
+    assert {"preprocessor_config.json", "chat_template.json", "generation_config.json"} <= files
+    assert "processor_config.json" not in files and "chat_template.jinja" not in files
+    config = _read_json(tiny_path / "config.json")
+    assert "text_config" not in config and config["hidden_size"] == 64 and config["torch_dtype"] == "float32"
+    assert config["transformers_version"] == "4.51.3" and config["tie_word_embeddings"] is True
+    assert config["rope_scaling"]["type"] == config["rope_scaling"]["rope_type"] == "default"
+    assert "mrope_section" in config["rope_scaling"]
+    stored = _stored_weights(tiny_path)
+    assert len(set(_read_json(tiny_path / "model.safetensors.index.json")["weight_map"].values())) >= 2
+    assert "lm_head.weight" not in stored
+    assert any(k.startswith("model.layers.") for k in stored) and any(k.startswith("visual.") for k in stored)
+    tokenizer = encoder.checkpoint.tokenizer
+    assert config["vocab_size"] > len(tokenizer) > encoder.checkpoint.emb_token_id
+    assert encoder.checkpoint.emb_token_id == tokenizer.convert_tokens_to_ids(EMB)
+    assert (
+        not torch.all(stored["model.norm.weight"] == 1)
+        and stored["model.layers.0.self_attn.q_proj.bias"].abs().min() > 0
+    )
+    generation = _read_json(tiny_path / "generation_config.json")
+    assert (generation["do_sample"], generation["top_k"], generation["repetition_penalty"]) == (True, 1, 1.05)
+
+
+def test_published_layout_loads_every_weight_exactly(tiny_path, encoder):
+    """Nothing re-initialised: every stored tensor is in the model, and the tied head is the embedding."""
+    params = dict(encoder.model.named_parameters())
+    stored = _stored_weights(tiny_path)
+    for name, tensor in stored.items():
+        new = name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else "model." + name
+        assert torch.equal(params[new], tensor), name
+    assert encoder.model.lm_head.weight.data_ptr() == params["model.language_model.embed_tokens.weight"].data_ptr()
+    assert len(stored) == len(params)  # lm_head is the embedding, not a parameter of its own
+
+
+def test_both_layouts_load_and_agree(encoder, tiny5_path):
+    assert "text_config" in _read_json(tiny5_path / "config.json")
+    modern = _load(tiny5_path)
+    assert modern.generation_settings.repetition_penalty == encoder.generation_settings.repetition_penalty == 1.05
     for reason in (False, True):
         a = encoder.encode(TEXTS, images=_images(), reason=reason)
-        b = legacy.encode(TEXTS, images=_images(), reason=reason)
+        b = modern.encode(TEXTS, images=_images(), reason=reason)
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _edited_copy(source: Path, target: Path, edit) -> Path:
+    """A copy of ``source`` whose first shard went through ``edit`` (index kept consistent)."""
+    shutil.copytree(source, target)
+    index_path = target / "model.safetensors.index.json"
+    index = _read_json(index_path)
+    shard = target / sorted(set(index["weight_map"].values()))[0]
+    weights = load_file(shard)
+    edit(weights)
+    save_file(weights, shard, metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+    index["weight_map"].update(dict.fromkeys(weights, shard.name))
+    index_path.write_text(json.dumps(index), encoding="utf-8")
+    return target
+
+
+@pytest.mark.parametrize(
+    ("kind", "edit", "named"),
+    [
+        ("missing", lambda w: w.pop("model.layers.0.mlp.down_proj.weight"), "layers.0.mlp.down_proj.weight"),
+        ("unexpected", lambda w: w.update({"model.layers.0.extra.weight": torch.zeros(3)}), "layers.0.extra.weight"),
+        ("mismatched", lambda w: w.update({"model.norm.weight": torch.ones(3)}), "norm.weight (checkpoint [3]"),
+    ],
+)
+def test_checkpoint_that_does_not_load_exactly_is_refused(tiny_path, tmp_path, kind, edit, named):
+    broken = _edited_copy(tiny_path, tmp_path / kind, edit)
+    with pytest.raises(RGECheckpointError, match=rf"{kind} weights: .*{re.escape(named)}"):
+        RGEEncoder.from_pretrained(broken, device="cpu")
 
 
 def test_hub_id_loads_from_the_cache_offline(tiny_path, tmp_path, monkeypatch, encoder):
@@ -53,7 +135,9 @@ def test_unknown_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(Exception, match="(?i)offline|cache|local"):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with pytest.raises(LocalEntryNotFoundError, match="(?i)offline|cache|local"):
         RGEEncoder.from_pretrained("someone/not-cached", cache_dir=tmp_path)
 
 
@@ -71,7 +155,10 @@ def test_missing_directory_is_refused(tmp_path):
         RGEEncoder.from_pretrained(tmp_path / "empty")
 
 
-def test_defaults_on_this_machine(encoder):
+def test_defaults_on_this_machine(tiny_path):
+    """Nothing given: the device, dtype and attention are chosen from the machine (choose_device(None))."""
+    encoder = RGEEncoder.from_pretrained(tiny_path)
+    assert encoder.device == choose_device(None)
     assert encoder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert encoder.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     assert encoder.model.config._attn_implementation == choose_attention(None, encoder.device)

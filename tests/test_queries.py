@@ -1,8 +1,10 @@
-"""The query path equals the reference (batch-1 generate + extra forward): same rationales, same vectors."""
+"""The query path equals the authors' algorithm (batch-1 generate with the checkpoint's generation config, then
+their extra forward): the same generated token ids, the same final-norm vectors."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rge import RGEEncoder
 
@@ -31,7 +33,7 @@ def test_matches_reference(encoder: RGEEncoder, reference_queries, mixed_items, 
     tokenized, _ = encoder._prepare([text for text, _ in mixed_items], [image for _, image in mixed_items], reason=True)
     embeddings, rationales = encoder._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
     for row, (expected, tokens) in enumerate(reference_queries):
-        assert rationales.num_generated_tokens[row] == len(tokens), row
+        assert rationales.token_ids[row] == tokens, row
         assert rationales[row] == encoder._rationale_text(tokens), row
         assert cosine(embeddings[row], expected) >= 0.9999, row
 
@@ -42,6 +44,7 @@ def test_public_api_matches_reference(encoder, reference_queries, mixed_items, r
     embeddings, rationales = encoder.encode_query(texts, images=images, batch_size=4, return_rationales=True)
     for row, (expected, tokens) in enumerate(reference_queries):
         text = reference.tokenizer.decode(tokens, skip_special_tokens=False).replace("<emb>", "")
+        assert rationales.token_ids[row] == tokens
         assert rationales[row] == text
         assert "<emb>" not in rationales[row]
         assert cosine(embeddings[row], expected) >= 0.9999
@@ -81,3 +84,54 @@ def test_query_and_candidate_encodings_differ(encoder):
 
 def test_documents_can_reason_too(encoder):
     assert cosine(encoder.encode_document("cat", reason=True), encoder.encode_query("cat")) >= 0.9999
+
+
+def test_embedding_is_the_final_norm_state_not_the_pre_norm_one(encoder, reference, mixed_items):
+    """The checkpoint's final RMSNorm has uneven weights, so the two states point different ways."""
+    captured = []
+    norm = reference.model.model.language_model.norm
+    handle = norm.register_forward_hook(lambda module, args, out: captured.append(args[0][0, -1].clone()))
+    try:
+        for text, image in mixed_items[:4]:
+            post_norm, _ = reference.query(text, image, max_new_tokens=BUDGET)
+            pre_norm = captured[-1]  # the extra forward's input to the final norm
+            vector = encoder.encode_query(text, images=[image])
+            assert cosine(vector, post_norm) >= 0.9999
+            assert cosine(vector, pre_norm) < 0.99
+    finally:
+        handle.remove()
+
+
+def test_the_repetition_penalty_decides_tokens_on_this_checkpoint(encoder, reference_queries, mixed_items):
+    """Plain arg-max decoding would give other rationales for most queries: the penalty is exercised."""
+    texts = [text for text, _ in mixed_items]
+    images = [image for _, image in mixed_items]
+    _, plain = encoder.encode_query(texts, images=images, return_rationales=True, repetition_penalty=1.0)
+    differing = sum(ids != tokens for ids, (_, tokens) in zip(plain.token_ids, reference_queries))
+    assert differing >= len(texts) // 2
+
+
+def test_penalty_override_per_call_and_per_encoder_matches_generate(encoder, reference, mixed_items, tiny_path):
+    from .conftest import MAX_PIXELS, MIN_PIXELS
+
+    plain_encoder = RGEEncoder.from_pretrained(
+        tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=BUDGET,
+        repetition_penalty=1.0,
+    )  # fmt: skip
+    assert plain_encoder.generation_settings.repetition_penalty == 1.0
+    assert encoder.generation_settings.repetition_penalty == 1.05
+    for text, image in mixed_items[:5]:
+        expected, tokens = reference.query(text, image, max_new_tokens=BUDGET, repetition_penalty=1.0)
+        for got, rationale in (
+            encoder.encode_query(text, images=[image], return_rationales=True, repetition_penalty=1.0),
+            plain_encoder.encode_query(text, images=[image], return_rationales=True),
+        ):
+            assert encoder._rationale_text(tokens) == rationale
+            assert cosine(got, expected) >= 0.9999
+        heavy, heavy_tokens = reference.query(text, image, max_new_tokens=BUDGET, repetition_penalty=1.3)
+        got = encoder._encode_reasoning(
+            encoder._prepare(text, [image], reason=True)[0], 1, BUDGET, False,
+            generation=encoder.generation_settings.with_penalty(1.3),
+        )  # fmt: skip
+        assert got[1].token_ids[0] == heavy_tokens
+        assert torch.nn.functional.cosine_similarity(got[0][0], heavy, dim=0) >= 0.9999

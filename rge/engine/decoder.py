@@ -3,7 +3,9 @@
 One running batch shares a KV cache. Each step feeds every row its last generated token with explicit
 3-D positions (last + 1 on all four rows, as ``generate`` does) and reads the final-norm hidden state.
 A row whose fed token is ``<emb>``, or whose fed token is its ``max_new_tokens``-th, is finished: that
-hidden state is its embedding, exactly the one the reference's extra forward pass computes. Finished
+hidden state is its embedding, exactly the one the reference's extra forward pass computes. Tokens are
+chosen as the checkpoint's generation config chooses them (``generation.py``): the arg-max after the
+repetition penalty, which needs each row's seen ids, kept as a (rows, vocab) mask. Finished
 rows leave the cache at once, left columns that are padding for every remaining row are trimmed, and
 logits are computed only for rows still decoding. With admission on, waiting queries are prefilled
 and merged into the running batch when enough rows have left, as continuous-batching servers do.
@@ -11,6 +13,7 @@ and merged into the running batch when enough rows have left, as continuous-batc
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,13 @@ from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem
 from .forward import build_position_ids, forward_prompts, release_memory
+from .generation import (
+    GenerationSettings,
+    RGEDecodingWarning,
+    apply_repetition_penalty,
+    best_token_holds_top_p,
+    seen_tokens,
+)
 
 
 @dataclass
@@ -50,6 +60,7 @@ class _Running:
     next_tokens: torch.Tensor  # (R,): the token each row feeds next
     indices: torch.Tensor  # (R,): item index of each row
     counts: torch.Tensor  # (R,): tokens generated so far (next_tokens included)
+    seen: torch.Tensor | None  # (R, vocab) bool: ids in each row, for the repetition penalty (None: no penalty)
 
     @property
     def size(self) -> int:
@@ -73,6 +84,7 @@ class ReasoningDecoder:
         *,
         max_new_tokens: int,
         batch_size: int,
+        generation: GenerationSettings,
         admission: bool = True,
         admit_fraction: float = 0.25,
         max_padding: float = 0.25,
@@ -87,6 +99,8 @@ class ReasoningDecoder:
         self.admission = admission
         self.admit_at = max(1, int(batch_size * admit_fraction))
         self.max_padding = max_padding
+        self.generation = generation
+        self.vocab_size = int(model.config.text_config.vocab_size)
 
     def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
         """Decode all ``items``; waiting queries are taken longest prompt first."""
@@ -127,13 +141,35 @@ class ReasoningDecoder:
         generated = [row[row >= 0].tolist() for row in outputs.tokens.cpu()]
         return DecodeResult(outputs.embeddings.cpu(), generated)
 
-    def next_tokens(self, hidden: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Greedy choice from the last-position hidden states (R, D) of rows still decoding.
+    def scores(self, hidden: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits of the rows still decoding, from their last hidden states (R, D), after the
+        repetition penalty over the ids ``seen`` marks; logits are computed for these rows only."""
+        scores = self.model.lm_head(hidden).float()
+        if seen is not None:
+            scores = apply_repetition_penalty(scores, seen, self.generation.repetition_penalty)
+        if self.generation.top_p_check and not best_token_holds_top_p(scores, self.generation):
+            warnings.warn(
+                f"with top_p={self.generation.top_p} generate would sample among several tokens at this step; "
+                "rge takes the best one",
+                RGEDecodingWarning,
+                stacklevel=2,
+            )
+        return scores
+
+    def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The token each row generates: the arg-max of its ``scores`` (R, vocab).
 
         ``indices`` are the rows' item indices and ``counts`` the tokens each has generated so far.
-        Logits are computed for these rows only. (Benchmarks override this to force rationale lengths.)
+        (Benchmarks override this to force rationale lengths.)
         """
-        return self.model.lm_head(hidden).argmax(dim=-1)
+        return scores.argmax(dim=-1)
+
+    def _choose(self, hidden: torch.Tensor, running: _Running) -> torch.Tensor:
+        """Choose each row's next token and record it among the row's seen ids."""
+        tokens = self.next_tokens(self.scores(hidden, running.seen), running.indices, running.counts)
+        if running.seen is not None:
+            running.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
+        return tokens
 
     def _prefill(self, rows: Sequence[TokenizedItem], outputs: _Outputs) -> _Running:
         from transformers import DynamicCache
@@ -143,16 +179,20 @@ class ReasoningDecoder:
         cache = DynamicCache(config=self.model.config)
         hidden = forward_prompts(self.model, batch, positions, cache)
         indices = torch.tensor([row.index for row in rows], device=hidden.device)
-        first = self.next_tokens(hidden[:, -1], indices, torch.zeros_like(indices))
-        outputs.tokens[indices, 0] = first
-        return _Running(
+        penalize = self.generation.repetition_penalty != 1.0
+        running = _Running(
             cache=cache,
             attention_mask=batch.attention_mask,
             next_positions=positions[:, :, -1] + 1,
-            next_tokens=first,
+            next_tokens=indices,  # replaced just below
             indices=indices,
-            counts=torch.ones_like(first),
+            counts=torch.zeros_like(indices),
+            seen=seen_tokens(batch.input_ids, batch.attention_mask, self.vocab_size) if penalize else None,
         )
+        running.next_tokens = self._choose(hidden[:, -1], running)
+        running.counts = running.counts + 1
+        outputs.tokens[indices, 0] = running.next_tokens
+        return running
 
     def _step(self, running: _Running, outputs: _Outputs) -> tuple[_Running | None, int]:
         """Feed each row its next token; capture finished rows, drop them, choose the others' next token."""
@@ -175,7 +215,7 @@ class ReasoningDecoder:
             keep = (~done).nonzero().squeeze(1)
             hidden = hidden[keep]
             _select_rows(running, keep)
-        running.next_tokens = self.next_tokens(hidden, running.indices, running.counts)
+        running.next_tokens = self._choose(hidden, running)
         outputs.tokens[running.indices, running.counts] = running.next_tokens
         running.counts = running.counts + 1
         return running, finished
@@ -207,6 +247,8 @@ def _select_rows(running: _Running, keep: torch.Tensor) -> None:
     running.next_tokens = running.next_tokens[keep]
     running.indices = running.indices[keep]
     running.counts = running.counts[keep]
+    if running.seen is not None:
+        running.seen = running.seen[keep]
     first_used = int(running.attention_mask.any(dim=0).int().argmax())
     if first_used:
         running.attention_mask = running.attention_mask[:, first_used:]
@@ -238,4 +280,5 @@ def _merge(running: _Running | None, newcomers: _Running) -> _Running:
         next_tokens=torch.cat([running.next_tokens, newcomers.next_tokens]),
         indices=torch.cat([running.indices, newcomers.indices]),
         counts=torch.cat([running.counts, newcomers.counts]),
+        seen=None if running.seen is None or newcomers.seen is None else torch.cat([running.seen, newcomers.seen]),
     )
