@@ -61,12 +61,28 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pixels", type=int, help="default 1024*28*28")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        help="query decoding (default: the checkpoint's generation config; 1.0: plain greedy)",
+    )
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number above 0 (argparse turns the error into one line and exit status 2)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be above 0")
+    return number
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """``RGEEncoder.from_pretrained`` keyword arguments from ``add_model_options``' options."""
     return {"device": args.device, "dtype": args.dtype, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
-            "max_new_tokens": args.max_new_tokens}  # fmt: skip
+            "max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}  # fmt: skip
 
 
 def run_mmeb(args: argparse.Namespace) -> int:
@@ -106,6 +122,12 @@ def run_encode(args: argparse.Namespace) -> int:
     if not Path(args.input).is_file():
         print(f"rge encode: input file {args.input!r} not found", file=sys.stderr)
         return 2
+    if args.side == "query":
+        from rge.loading import read_generation_settings
+
+        settings["generation"] = read_generation_settings(
+            args.model, repetition_penalty=args.repetition_penalty
+        ).as_dict()
     if args.ray:
         from rge.integrations.ray import ray_encode_rows
 

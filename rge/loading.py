@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .engine.generation import GenerationSettings
+from .engine.generation import GENERATION_CONFIG_FILE, GenerationSettings
 from .errors import RGECheckpointError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VisionPreprocessor
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
@@ -67,6 +67,33 @@ def resolve_checkpoint(
             allow_patterns=CHECKPOINT_FILE_PATTERNS,
         )
     )
+
+
+def read_generation_settings(
+    name_or_path: str | os.PathLike[str],
+    *,
+    repetition_penalty: float | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> GenerationSettings:
+    """The decoding settings a checkpoint's queries will use, without loading it (a hub id fetches only
+    ``generation_config.json``): for recording a job's settings where the model loads elsewhere."""
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return GenerationSettings.from_checkpoint(local).with_penalty(repetition_penalty)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        file = hf_hub_download(
+            str(name_or_path), GENERATION_CONFIG_FILE, revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir), token=token, local_files_only=local_files_only,
+        )  # fmt: skip
+    except EntryNotFoundError:
+        return GenerationSettings().with_penalty(repetition_penalty)
+    return GenerationSettings.from_checkpoint(Path(file).parent).with_penalty(repetition_penalty)
 
 
 def choose_device(device: str | torch.device | None) -> torch.device:

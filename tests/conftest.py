@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from rge import RGEEncoder
 from rge.testing import build_tiny_checkpoint, make_test_image
@@ -16,6 +17,10 @@ MAX_PIXELS = 64 * 28 * 28
 BUDGET = 32
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+# Property tests draw the same examples on every run (CI included): a failure is reproducible, never luck.
+settings.register_profile("rge", derandomize=True, deadline=None, database=None, print_blob=True)
+settings.load_profile("rge")
 
 
 @pytest.fixture(scope="session")

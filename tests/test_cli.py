@@ -27,3 +27,13 @@ def test_demo_tiny_prints_the_api_scores(capsys, tmp_path):
 def test_demo_needs_a_command(capsys):
     with pytest.raises(SystemExit):
         main([])
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "x", "nan"])
+def test_bad_repetition_penalty_is_one_line_and_status_2(capsys, tmp_path, bad):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o"), "--repetition-penalty", bad])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--repetition-penalty" in error and "Traceback" not in error
+    assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,6 +157,19 @@ def test_other_settings_are_refused(tiny_path, tmp_path, capsys):
     assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED  # same settings: fine
 
 
+def test_query_decoding_settings_are_recorded_and_kept(tiny_path, tmp_path, capsys):
+    corpus = _write_corpus(tmp_path, count=4)
+    query = ("--side", "query", "--max-new-tokens", "4")
+    main(_args(corpus, tmp_path / "q", tiny_path, *query))
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["generation"]["repetition_penalty"] == 1.05 and manifest["generation"]["top_k"] == 1
+    assert main(_args(corpus, tmp_path / "q", tiny_path, *query, "--repetition-penalty", "1.0")) == 2
+    assert "repetition_penalty" in capsys.readouterr().err
+    main(_args(corpus, tmp_path / "plain", tiny_path, *query, "--repetition-penalty", "1.0"))
+    plain = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert plain["generation"]["repetition_penalty"] == 1.0
+
+
 def test_empty_input_is_refused(tiny_path, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert main(_args(tmp_path / "empty.jsonl", tmp_path / "index", tiny_path)) == 2
@@ -182,15 +196,32 @@ def test_parquet_input_equals_jsonl(tiny_path, tmp_path):
 
 
 def test_input_is_streamed(tmp_path):
+    """The first row comes back while the rest of the input is not even written yet (a pipe held open):
+    a reader that took in the whole file first could not return before the writer finished."""
     from rge.corpus import read_corpus
 
-    path = tmp_path / "big.jsonl"
-    with path.open("w") as handle:
-        for i in range(200_000):
-            handle.write(f'{{"id": {i}, "text": "row"}}\n')
-    start = time.perf_counter()
-    first = next(iter(read_corpus(path)))
-    assert first.id == "0" and time.perf_counter() - start < 0.5
+    pipe = tmp_path / "corpus.jsonl"
+    os.mkfifo(pipe)
+    first_read, writer_done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with pipe.open("w") as handle:
+            handle.write('{"id": 0, "text": "row"}\n')
+            handle.flush()
+            first_read.wait(timeout=60)
+            handle.writelines(f'{{"id": {i}, "text": "row"}}\n' for i in range(1, 1000))
+        writer_done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    rows = read_corpus(pipe)
+    first = next(rows)
+    finished_before_first = writer_done.is_set()
+    first_read.set()
+    rest = list(rows)
+    writer.join()
+    assert first.id == "0" and not finished_before_first
+    assert len(rest) == 999 and rest[-1].id == "999"
 
 
 @pytest.fixture(scope="module")

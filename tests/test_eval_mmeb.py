@@ -218,3 +218,5 @@ def test_cli_runs_end_to_end(tiny_path, fixture_dirs, tmp_path, capsys):
     assert f"{summary['groups']['Overall']['score']:>6.1f}" in out
     assert "paper RGE" in out and "70.1" in out and "65.2" in out
     assert summary["settings"]["max_new_tokens"] == 8
+    assert summary["settings"]["generation"]["repetition_penalty"] == 1.05  # the checkpoint's decoding, recorded
+    assert json.loads((tmp_path / "run.json").read_text())["generation"]["top_k"] == 1

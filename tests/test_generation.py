@@ -15,7 +15,7 @@ from rge.engine.generation import (
     GenerationSettings,
     RGEDecodingWarning,
     apply_repetition_penalty,
-    seen_tokens,
+    row_token_ids,
 )
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
@@ -63,17 +63,21 @@ def test_penalty_equals_transformers_processor():
     scores = torch.randn(5, 40, generator=generator) * 3
     input_ids = torch.randint(0, 40, (5, 17), generator=generator)  # duplicates included
     expected = RepetitionPenaltyLogitsProcessor(1.05)(input_ids, scores.clone())
-    got = apply_repetition_penalty(scores, seen_tokens(input_ids, torch.ones_like(input_ids), 40), 1.05)
+    got = apply_repetition_penalty(scores.clone(), input_ids, 1.05)
     assert torch.equal(got, expected)
 
 
-def test_seen_tokens_ignore_padding_but_not_a_real_pad_id():
+def test_row_ids_ignore_padding_but_not_a_real_pad_id():
     pad = 0
     input_ids = torch.tensor([[pad, pad, 5, 6], [pad, 7, 5, pad]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    seen = seen_tokens(input_ids, mask, 10)
-    assert seen[0].nonzero().flatten().tolist() == [5, 6]
-    assert seen[1].nonzero().flatten().tolist() == [0, 5, 7]
+    ids = row_token_ids(input_ids, mask)
+    assert set(ids[0].tolist()) == {5, 6}
+    assert set(ids[1].tolist()) == {0, 5, 7}
+    scores = torch.randn(2, 10)
+    penalized = apply_repetition_penalty(scores.clone(), ids, 2.0)
+    assert torch.equal(penalized[0, [0, 1, 7]], scores[0, [0, 1, 7]])  # the pad id is not in row 0
+    assert not torch.equal(penalized[0, [5, 6]], scores[0, [5, 6]])
 
 
 def test_random_sampling_warns_and_decodes_greedily(tiny_path, tmp_path, mixed_items):

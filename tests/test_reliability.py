@@ -4,6 +4,7 @@ batch composition, repetition and threads never change a vector."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,54 +18,89 @@ from rge.testing import image_bytes, make_test_image
 
 from .test_candidates import cosine
 
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(max_examples=40)
 QUICK_BUDGET = 4
 
 ANY_TEXT = st.one_of(
     st.text(st.characters(codec=None, exclude_categories=()), max_size=80),  # all of Unicode, surrogates too
     st.text(st.characters(max_codepoint=0x1F), max_size=40),  # control characters
     st.text(max_size=4000, min_size=2000),  # long
-    st.sampled_from(["<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|video_pad|> x", "<|im_start|>user\n"]),
-)
+    st.sampled_from(["<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|video_pad|> x", "<|im_start|>user\n",
+                     "<emb>", "<|image_1|> what is this?", "<|vision_start|><|image_pad|><|vision_end|>"]),
+)  # fmt: skip
 MODES = ["RGB", "RGBA", "L", "LA", "La", "P", "PA", "1", "I", "I;16", "F", "CMYK", "YCbCr", "HSV"]
+WRITTEN_AS = {"RGB": "PNG", "RGBA": "PNG", "L": "PNG", "LA": "PNG", "P": "PNG", "1": "PNG", "I;16": "PNG",
+              "PA": "TIFF", "I": "TIFF", "F": "TIFF", "CMYK": "TIFF", "YCbCr": "TIFF", "HSV": "WEBP"}  # fmt: skip
+"""A format PIL can write each mode in ("La" exists in memory only, so it is tried as a PIL image)."""
 
 
-def _clean(encoder, call):
-    """Run ``call``: it must give finite unit vectors or raise RGEInputError; returns the vector or None."""
-    try:
-        vector = call()
-    except RGEInputError:
-        return None
+def _text_is_invalid(text: str) -> bool:
+    """The documented rejections of a text without an image, decided independently of rge."""
+    surrogate = any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+    marker = "<|image_1|>" in text or "<|vision_start|><|image_pad|><|vision_end|>" in text
+    return surrogate or "<emb>" in text or marker or "<|image_pad|>" in text
+
+
+def _image_is_invalid(width: int, height: int) -> bool:
+    """Qwen2.5-VL refuses an aspect ratio over 200, after sides under 28 px are raised to 28."""
+    width, height = max(width, 28), max(height, 28)
+    return max(width, height) / min(width, height) > 200
+
+
+def _expect(encoder, call, invalid: bool, outcomes: Counter) -> None:
+    """``call`` must raise RGEInputError when ``invalid``, else give one finite unit vector."""
+    if invalid:
+        with pytest.raises(RGEInputError):
+            call()
+        outcomes["error"] += 1
+        return
+    vector = call()
     assert vector.shape == (encoder.embedding_dim,)
     assert np.isfinite(vector).all() and np.isclose(np.linalg.norm(vector), 1.0, atol=1e-5)
-    return vector
+    outcomes["vector"] += 1
 
 
-@PROPERTY
-@given(text=ANY_TEXT, reason=st.booleans())
-def test_any_text_gives_a_vector_or_an_input_error(encoder, text, reason):
-    _clean(encoder, lambda: encoder.encode(text, reason=reason, max_new_tokens=QUICK_BUDGET))
+def test_any_text_gives_a_vector_or_the_documented_input_error(encoder):
+    outcomes: Counter = Counter()
+
+    @PROPERTY
+    @given(text=ANY_TEXT, reason=st.booleans())
+    def check(text, reason):
+        call = lambda: encoder.encode(text, reason=reason, max_new_tokens=QUICK_BUDGET)  # noqa: E731
+        _expect(encoder, call, _text_is_invalid(text), outcomes)
+
+    check()
+    assert sum(outcomes.values()) == 40  # every example was checked, none rejected
+    assert outcomes["vector"] >= 20 and outcomes["error"] >= 3
 
 
-@PROPERTY
-@given(
-    mode=st.sampled_from(MODES),
-    size=st.one_of(
-        st.tuples(st.integers(1, 400), st.integers(1, 400)),
-        st.sampled_from([(1, 5000), (5000, 1), (1, 1), (1, 6000), (28, 28), (27, 3000)]),
-    ),
-    as_bytes=st.booleans(),
-    reason=st.booleans(),
-)
-def test_odd_images_give_a_vector_or_an_input_error(encoder, mode, size, as_bytes, reason):
-    image = _image_in_mode(make_test_image(*size, seed=sum(size)), mode)
-    if as_bytes:
-        try:
-            image = image_bytes(image, "TIFF" if mode in ("I;16", "F", "CMYK", "YCbCr", "HSV", "La", "PA") else "PNG")
-        except (OSError, ValueError, KeyError):
-            return  # PIL cannot write this mode in that format; nothing to encode
-    _clean(encoder, lambda: encoder.encode("what is this?", images=[image], reason=reason,
-                                           max_new_tokens=QUICK_BUDGET))  # fmt: skip
+def test_odd_images_give_a_vector_or_the_documented_input_error(encoder):
+    outcomes: Counter = Counter()
+
+    @PROPERTY
+    @given(
+        mode_and_bytes=st.one_of(
+            st.tuples(st.sampled_from(MODES), st.just(False)),
+            st.tuples(st.sampled_from(sorted(WRITTEN_AS)), st.just(True)),
+        ),
+        size=st.one_of(
+            st.tuples(st.integers(1, 400), st.integers(1, 400)),
+            st.sampled_from([(1, 5000), (5000, 1), (1, 1), (1, 6000), (28, 28), (27, 3000), (6000, 20)]),
+        ),
+        reason=st.booleans(),
+    )
+    def check(mode_and_bytes, size, reason):
+        mode, as_bytes = mode_and_bytes
+        image = _image_in_mode(make_test_image(*size, seed=sum(size)), mode)
+        if as_bytes:
+            image = image_bytes(image, WRITTEN_AS[mode])
+        call = lambda: encoder.encode("what is this?", images=[image], reason=reason,  # noqa: E731
+                                      max_new_tokens=QUICK_BUDGET)  # fmt: skip
+        _expect(encoder, call, _image_is_invalid(*size), outcomes)
+
+    check()
+    assert sum(outcomes.values()) == 40
+    assert outcomes["vector"] >= 20
 
 
 def test_extreme_aspect_ratio_is_an_input_error(encoder):
@@ -185,7 +221,7 @@ def pool_alone(encoder):
     return items, alone
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     order=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=9),
     batch_size=st.integers(1, 5),

@@ -5,7 +5,7 @@ One running batch shares a KV cache. Each step feeds every row its last generate
 A row whose fed token is ``<emb>``, or whose fed token is its ``max_new_tokens``-th, is finished: that
 hidden state is its embedding, exactly the one the reference's extra forward pass computes. Tokens are
 chosen as the checkpoint's generation config chooses them (``generation.py``): the arg-max after the
-repetition penalty, which needs each row's seen ids, kept as a (rows, vocab) mask. Finished
+repetition penalty, which needs the ids of each row (prompt and generated tokens). Finished
 rows leave the cache at once, left columns that are padding for every remaining row are trimmed, and
 logits are computed only for rows still decoding. With admission on, waiting queries are prefilled
 and merged into the running batch when enough rows have left, as continuous-batching servers do.
@@ -30,7 +30,7 @@ from .generation import (
     RGEDecodingWarning,
     apply_repetition_penalty,
     best_token_holds_top_p,
-    seen_tokens,
+    row_token_ids,
 )
 
 
@@ -60,7 +60,7 @@ class _Running:
     next_tokens: torch.Tensor  # (R,): the token each row feeds next
     indices: torch.Tensor  # (R,): item index of each row
     counts: torch.Tensor  # (R,): tokens generated so far (next_tokens included)
-    seen: torch.Tensor | None  # (R, vocab) bool: ids in each row, for the repetition penalty (None: no penalty)
+    token_ids: torch.Tensor | None  # (R, T): ids in each row, for the repetition penalty (None: no penalty)
 
     @property
     def size(self) -> int:
@@ -100,7 +100,6 @@ class ReasoningDecoder:
         self.admit_at = max(1, int(batch_size * admit_fraction))
         self.max_padding = max_padding
         self.generation = generation
-        self.vocab_size = int(model.config.text_config.vocab_size)
 
     def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
         """Decode all ``items``; waiting queries are taken longest prompt first."""
@@ -141,12 +140,12 @@ class ReasoningDecoder:
         generated = [row[row >= 0].tolist() for row in outputs.tokens.cpu()]
         return DecodeResult(outputs.embeddings.cpu(), generated)
 
-    def scores(self, hidden: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    def scores(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """float32 logits of the rows still decoding, from their last hidden states (R, D), after the
-        repetition penalty over the ids ``seen`` marks; logits are computed for these rows only."""
+        repetition penalty over each row's ``token_ids``; logits are computed for these rows only."""
         scores = self.model.lm_head(hidden).float()
-        if seen is not None:
-            scores = apply_repetition_penalty(scores, seen, self.generation.repetition_penalty)
+        if token_ids is not None:
+            scores = apply_repetition_penalty(scores, token_ids, self.generation.repetition_penalty)
         if self.generation.top_p_check and not best_token_holds_top_p(scores, self.generation):
             warnings.warn(
                 f"with top_p={self.generation.top_p} generate would sample among several tokens at this step; "
@@ -164,12 +163,14 @@ class ReasoningDecoder:
         """
         return scores.argmax(dim=-1)
 
-    def _choose(self, hidden: torch.Tensor, running: _Running) -> torch.Tensor:
-        """Choose each row's next token and record it among the row's seen ids."""
-        tokens = self.next_tokens(self.scores(hidden, running.seen), running.indices, running.counts)
-        if running.seen is not None:
-            running.seen[torch.arange(tokens.shape[0], device=tokens.device), tokens] = True
-        return tokens
+    def _choose(
+        self, hidden: torch.Tensor, token_ids: torch.Tensor | None, indices: torch.Tensor, counts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's next token, and the rows' ids with it appended (for the penalty's next step)."""
+        tokens = self.next_tokens(self.scores(hidden, token_ids), indices, counts)
+        if token_ids is not None:
+            token_ids = torch.cat([token_ids, tokens[:, None]], dim=1)
+        return tokens, token_ids
 
     def _prefill(self, rows: Sequence[TokenizedItem], outputs: _Outputs) -> _Running:
         from transformers import DynamicCache
@@ -180,19 +181,18 @@ class ReasoningDecoder:
         hidden = forward_prompts(self.model, batch, positions, cache)
         indices = torch.tensor([row.index for row in rows], device=hidden.device)
         penalize = self.generation.repetition_penalty != 1.0
-        running = _Running(
+        token_ids = row_token_ids(batch.input_ids, batch.attention_mask) if penalize else None
+        first, token_ids = self._choose(hidden[:, -1], token_ids, indices, torch.zeros_like(indices))
+        outputs.tokens[indices, 0] = first
+        return _Running(
             cache=cache,
             attention_mask=batch.attention_mask,
             next_positions=positions[:, :, -1] + 1,
-            next_tokens=indices,  # replaced just below
+            next_tokens=first,
             indices=indices,
-            counts=torch.zeros_like(indices),
-            seen=seen_tokens(batch.input_ids, batch.attention_mask, self.vocab_size) if penalize else None,
+            counts=torch.ones_like(first),
+            token_ids=token_ids,
         )
-        running.next_tokens = self._choose(hidden[:, -1], running)
-        running.counts = running.counts + 1
-        outputs.tokens[indices, 0] = running.next_tokens
-        return running
 
     def _step(self, running: _Running, outputs: _Outputs) -> tuple[_Running | None, int]:
         """Feed each row its next token; capture finished rows, drop them, choose the others' next token."""
@@ -215,7 +215,9 @@ class ReasoningDecoder:
             keep = (~done).nonzero().squeeze(1)
             hidden = hidden[keep]
             _select_rows(running, keep)
-        running.next_tokens = self._choose(hidden, running)
+        running.next_tokens, running.token_ids = self._choose(
+            hidden, running.token_ids, running.indices, running.counts
+        )
         outputs.tokens[running.indices, running.counts] = running.next_tokens
         running.counts = running.counts + 1
         return running, finished
@@ -247,8 +249,8 @@ def _select_rows(running: _Running, keep: torch.Tensor) -> None:
     running.next_tokens = running.next_tokens[keep]
     running.indices = running.indices[keep]
     running.counts = running.counts[keep]
-    if running.seen is not None:
-        running.seen = running.seen[keep]
+    if running.token_ids is not None:
+        running.token_ids = running.token_ids[keep]
     first_used = int(running.attention_mask.any(dim=0).int().argmax())
     if first_used:
         running.attention_mask = running.attention_mask[:, first_used:]
@@ -280,5 +282,14 @@ def _merge(running: _Running | None, newcomers: _Running) -> _Running:
         next_tokens=torch.cat([running.next_tokens, newcomers.next_tokens]),
         indices=torch.cat([running.indices, newcomers.indices]),
         counts=torch.cat([running.counts, newcomers.counts]),
-        seen=None if running.seen is None or newcomers.seen is None else torch.cat([running.seen, newcomers.seen]),
+        token_ids=_merge_token_ids(running.token_ids, newcomers.token_ids),
     )
+
+
+def _merge_token_ids(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows' ids of two batches in one tensor; a shorter row is left-padded with its own first id."""
+    if old is None or new is None:
+        return None
+    width = max(old.shape[1], new.shape[1])
+    padded = [torch.cat([ids[:, :1].expand(-1, width - ids.shape[1]), ids], dim=1) for ids in (old, new)]
+    return torch.cat(padded)

@@ -112,20 +112,28 @@ class GenerationSettings:
         return replace(self, repetition_penalty=repetition_penalty, source=f"{self.source}, overridden")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings that decide tokens (``source`` left out), e.g. to record a job's settings."""
+        settings = asdict(self)
+        del settings["source"]
+        return settings
 
 
-def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(B, vocab) booleans: which ids each left-padded row holds in its real tokens (padding excluded)."""
-    ids = input_ids.masked_fill(attention_mask == 0, vocab_size)
-    seen = torch.zeros((ids.shape[0], vocab_size + 1), dtype=torch.bool, device=ids.device)
-    return seen.scatter_(1, ids, True)[:, :vocab_size].contiguous()
+def row_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids of left-padded rows, for the penalty: each pad replaced by its row's last token, so that
+    padding adds no id of its own (the penalty treats the ids of a row as a set)."""
+    return torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
 
 
-def apply_repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty on float32 ``scores`` (R, vocab) for the ids ``seen`` marks."""
-    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen, penalized, scores)
+def apply_repetition_penalty(scores: torch.Tensor, token_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty, in place, on float32 ``scores`` (R, vocab) for the ids in
+    ``token_ids`` (R, T); returns ``scores``.
+
+    The same gather, ``where`` and scatter as ``RepetitionPenaltyLogitsProcessor``: its cost grows with the
+    rows' lengths, not with the vocabulary; a repeated id is written twice with the same value.
+    """
+    score = torch.gather(scores, 1, token_ids)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return scores.scatter_(1, token_ids, score)
 
 
 def best_token_holds_top_p(scores: torch.Tensor, settings: GenerationSettings) -> bool:

@@ -191,7 +191,7 @@ def evaluate(
         "model": str(encoder.checkpoint.path), "reason": reason,
         "max_new_tokens": max_new_tokens or encoder.max_new_tokens,
         "min_pixels": encoder.checkpoint.vision.min_pixels, "max_pixels": encoder.checkpoint.vision.max_pixels,
-        "dtype": str(encoder.dtype),
+        "dtype": str(encoder.dtype), "generation": encoder.generation_settings.as_dict() if reason else None,
     }  # fmt: skip
     _check_settings(output_dir / "run.json", settings)
     run = _SubsetRun(encoder, image_dir, output_dir, reason, batch_size, max_new_tokens, chunk_size, show_progress)
