@@ -3,7 +3,7 @@
 Documents (texts and images) are embedded once on the cheap candidate path and indexed in FAISS;
 queries reason first, then search. Prints each query's rationale and its best hits.
 
-    pip install -e . faiss-cpu
+    pip install "rge-embeddings[examples]"   # or, in a clone: pip install -e ".[examples]"
     python examples/rag_faiss.py            # with MCG-NJU/RGE (downloads it once)
     python examples/rag_faiss.py --tiny     # offline, on a tiny random checkpoint
 """

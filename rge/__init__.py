@@ -9,10 +9,17 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._about import DISTRIBUTION, __version__
 from .corpus import load_embeddings
 from .encoder import Rationales, RGEEncoder
 from .errors import RGECheckpointError, RGEInputError
 
-__all__ = ["RGECheckpointError", "RGEEncoder", "RGEInputError", "Rationales", "__version__", "load_embeddings"]
+__all__ = [
+    "DISTRIBUTION",
+    "RGECheckpointError",
+    "RGEEncoder",
+    "RGEInputError",
+    "Rationales",
+    "__version__",
+    "load_embeddings",
+]

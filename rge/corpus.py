@@ -22,6 +22,7 @@ from .storage import atomic_write_json, atomic_write_text, changed_settings, loa
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
+INPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
 
 
 class RGEJobError(ValueError):
@@ -149,6 +150,24 @@ EncodeRows = Callable[[Iterator[Chunk]], Iterator[tuple[Chunk, Result]]]
 """Turns chunks into results, in order: one process (``local_encode_rows``) or a Ray cluster."""
 
 
+def check_job(input_path: str | Path, output_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse a job that cannot run, before any model is loaded: a missing input or one that is not JSONL or
+    parquet, an output that is a file, or an output folder holding an index made with other ``settings``."""
+    input_path, output = Path(input_path), Path(output_dir)
+    if not input_path.is_file():
+        raise RGEJobError(f"input file {str(input_path)!r} not found")
+    if input_path.suffix.lower() not in INPUT_SUFFIXES:
+        raise RGEJobError(f"input {str(input_path)!r} is not JSONL or parquet (expected {', '.join(INPUT_SUFFIXES)})")
+    if output.exists() and not output.is_dir():
+        raise RGEJobError(f"output {str(output)!r} is a file; give a folder")
+    changed = changed_settings(output / MANIFEST, settings)
+    if changed:
+        raise RGEJobError(
+            f"{output} holds an index made with other settings {changed} (before, now); "
+            "use another --output folder or the original settings"
+        )
+
+
 def encode_corpus(
     input_path: str | Path,
     output_dir: str | Path,
@@ -165,6 +184,7 @@ def encode_corpus(
     is refused. Returns counts and the bad rows (also written to ``errors.jsonl``).
     """
     input_path, output = Path(input_path), Path(output_dir)
+    check_job(input_path, output, settings)
     plan = ShardPlan(count_rows(input_path), shard_size)
     if plan.rows == 0:
         raise RGEJobError(f"{input_path} has no rows to encode")
@@ -182,15 +202,12 @@ def encode_corpus(
 
 
 def _start(output: Path, job: dict[str, Any]) -> None:
+    changed = changed_settings(output / MANIFEST, job)
+    if changed:
+        raise RGEJobError(f"{output} holds an index of another input {changed} (before, now); use another --output")
     output.mkdir(parents=True, exist_ok=True)
     for leftover in output.glob(".*.tmp-*"):
         leftover.unlink()
-    changed = changed_settings(output / MANIFEST, job)
-    if changed:
-        raise RGEJobError(
-            f"{output} holds an index made with other settings {changed} (before, now); "
-            "use another --output folder or the original settings"
-        )
     atomic_write_json(output / MANIFEST, {**job, "complete": False})
 
 

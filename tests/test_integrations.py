@@ -135,7 +135,7 @@ def test_mteb_encode_and_evaluate(encoder):
 def test_missing_extra_names_it(monkeypatch, module, extra, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes "import package" fail
     monkeypatch.delitem(sys.modules, f"rge.integrations.{module}", raising=False)
-    with pytest.raises(ImportError, match=rf"pip install 'rge\[{extra}\]'"):
+    with pytest.raises(ImportError, match=rf"pip install 'rge-embeddings\[{extra}\]'"):
         importlib.import_module(f"rge.integrations.{module}")
 
 

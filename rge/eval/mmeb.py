@@ -52,6 +52,10 @@ PAPER: dict[str, dict[str, float]] = {
 Pair = tuple[str, str]  # (rewritten text, image path relative to the image folder; "" for none)
 
 
+class RGESettingsError(ValueError):
+    """The output folder holds results made with other settings."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One MMEB example after rewriting: a query and its candidates, the positive first."""
@@ -204,7 +208,7 @@ def evaluate(
 def _check_settings(path: Path, settings: dict[str, Any]) -> None:
     changed = changed_settings(path, settings)
     if changed:
-        raise ValueError(
+        raise RGESettingsError(
             f"{path.parent} holds results made with other settings {changed} (before, now); use another --output folder"
         )
     atomic_write_json(path, settings)

@@ -1,0 +1,116 @@
+"""The ``rge`` command line: ``rge demo``, ``rge eval mmeb``, ``rge encode``.
+
+A user error ends in one line on stderr and a documented exit status (``rge.cli.errors``); ``--debug``
+(or ``RGE_DEBUG=1``) shows the traceback instead, for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .._about import DISTRIBUTION, __version__
+from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_encode, run_mmeb
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, CLIError
+from .options import add_model_options, positive_int
+
+ENCODE_EXIT_ROWS_FAILED = EXIT_ROWS_FAILED
+"""``rge encode`` exit status when the job finished but some rows were reported in errors.jsonl."""
+
+__all__ = ["DEMO_CANDIDATES", "DEMO_QUERY", "ENCODE_EXIT_ROWS_FAILED", "build_parser", "demo_picture", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a refusal in one line (and the pointer to --help) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rge", description="Reasoning Guided Embeddings for text and images.")
+    parser.add_argument("--version", action="version", version=f"rge {__version__} ({DISTRIBUTION})")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks (also: RGE_DEBUG=1)")
+    common.add_argument("--verbose", action="store_true", help="show transformers' loading messages and bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", parents=[common], help="encode the paper's demo query against two candidates")
+    add_model_options(demo, batch=False)
+    demo.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint built offline")
+    demo.add_argument("--image", help="image for the query (default: a drawn picture)")
+
+    evaluation = commands.add_parser("eval", help="reproduce a benchmark of the paper").add_subparsers(
+        dest="benchmark", required=True
+    )
+    mmeb = evaluation.add_parser("mmeb", parents=[common], help="MMEB (36 image tasks) with the authors' protocol")
+    mmeb.add_argument("--data", required=True, help="local snapshot of TIGER-Lab/MMEB-eval (one folder per subset)")
+    mmeb.add_argument("--images", required=True, help="folder the *_img_path values are relative to")
+    mmeb.add_argument("--output", required=True, help="results folder (a rerun resumes from it)")
+    mmeb.add_argument("--subsets", nargs="+", help="subsets to run (default: all 36)")
+    add_model_options(mmeb)
+    mmeb.add_argument("--no-reason", action="store_true", help="queries without reasoning (the paper's baseline)")
+
+    encode = commands.add_parser("encode", parents=[common], help="encode a JSONL or parquet corpus into shards")
+    encode.add_argument("input", help="JSONL (one object per line: id, text, optional image) or parquet")
+    encode.add_argument("--output", required=True, help="index folder (a rerun resumes from it)")
+    encode.add_argument("--side", choices=["document", "query"], default="document")
+    encode.add_argument("--shard-size", type=positive_int, default=10000)
+    add_model_options(encode)
+    encode.add_argument("--ray", action="store_true", help=f"run on a Ray cluster (pip install '{DISTRIBUTION}[ray]')")
+    encode.add_argument("--ray-address", help="cluster to join (default: start a local one; 'auto' to find one)")
+    encode.add_argument("--workers", type=positive_int, default=1, help="Ray actors, each with its own model copy")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``rge`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("RGE_DEBUG", "") not in ("", "0")
+    run = {"demo": run_demo, "eval": run_mmeb, "encode": run_encode}[args.command]
+    name = "rge " + args.command + (f" {args.benchmark}" if args.command == "eval" else "")
+    try:
+        with _transformers_quiet(not args.verbose):
+            return run(args)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CLIError as error:
+        if debug:
+            raise
+        print(f"{name}: {error}", file=sys.stderr)
+        return error.status
+    except Exception as error:
+        if debug:
+            raise
+        print(f"{name}: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BUG
+
+
+class _transformers_quiet:
+    """Hide transformers' per-load progress bars and load reports unless ``--verbose`` is given."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self) -> None:
+        if not self.quiet:
+            return
+        from transformers.utils import logging
+
+        self._bars, self._level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.quiet:
+            return
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._level)
+        if self._bars:
+            logging.enable_progress_bar()

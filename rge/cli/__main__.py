@@ -1,0 +1,7 @@
+"""``python -m rge.cli``: the ``rge`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

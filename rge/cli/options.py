@@ -1,0 +1,104 @@
+"""Arguments shared by the commands that run a model, and checks that run before anything is loaded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} must be at least 1")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a number above 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be above 0")
+    return number
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) -> None:
+    """The checkpoint and loading options that every model-running command takes."""
+    parser.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
+    if batch:
+        parser.add_argument("--batch-size", type=positive_int, default=16)
+        parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="reasoning budget of queries")
+        parser.add_argument("--min-pixels", type=positive_int, help="default 256*28*28")
+        parser.add_argument("--max-pixels", type=positive_int, help="default 1024*28*28")
+        parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
+        parser.add_argument(
+            "--repetition-penalty",
+            type=positive_float,
+            help="query decoding (default: the checkpoint's generation config; 1.0: plain greedy)",
+        )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``RGEEncoder.from_pretrained`` keyword arguments from ``add_model_options``' options, checked first."""
+    check_device(args.device)
+    options: dict[str, Any] = {"device": args.device}
+    if hasattr(args, "dtype"):
+        check_dtype(args.dtype)
+        if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+            raise CLIError(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
+        options.update(dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                       max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty)  # fmt: skip
+    return options
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before loading anything onto it."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type not in ("cpu", "mps"):
+        raise CLIError(f"--device {device!r} is not supported; use cpu or cuda")
+
+
+def check_dtype(dtype: str | None) -> None:
+    from ..loading import choose_dtype
+
+    if dtype is None:
+        return
+    try:
+        resolved = choose_dtype(dtype, None)  # type: ignore[arg-type]  # the device only matters for None
+    except ValueError as error:
+        raise CLIError(f"--dtype: {error}") from None
+    if not resolved.is_floating_point:
+        raise CLIError(f"--dtype {dtype!r} is not a floating-point type; use float32, bfloat16 or float16")
+
+
+def check_output_folder(path: Path) -> None:
+    """An output folder may exist (a rerun resumes) but must not be a file."""
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--output {str(path)!r} is a file; give a folder (it is created if missing)")
+
+
+def check_input_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise CLIError(f"{what} {str(path)!r} is not a folder")
