@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -108,6 +109,9 @@ class RGEEncoder:
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )
+        from_hub = not Path(name_or_path).expanduser().is_dir()
+        checkpoint.name = str(name_or_path) if from_hub else str(path.resolve())
+        checkpoint.revision = path.name if from_hub else None  # the snapshot folder is the commit
         return cls(
             checkpoint, max_new_tokens=max_new_tokens, max_length=max_length, repetition_penalty=repetition_penalty
         )
@@ -132,7 +136,7 @@ class RGEEncoder:
 
     def encode(
         self,
-        texts: EncodeInput,
+        texts: EncodeInput | None = None,
         images: Sequence[ImageInput | None] | ImageInput | None = None,
         reason: bool = True,
         batch_size: int = 16,
@@ -147,7 +151,8 @@ class RGEEncoder:
         repetition_penalty: float | None = None,
         **unknown: Any,
     ) -> Any:
-        """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a list of them) with their ``images``.
+        """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a sequence of them) with their ``images``
+        (one per text; or ``images`` alone, with ``texts=None``).
 
         ``reason=True`` takes the query path, ``reason=False`` the candidate path. Returns float32 (N, D)
         in input order (1-D for a single input), numpy unless ``convert_to_tensor`` or
@@ -180,11 +185,11 @@ class RGEEncoder:
             return result, (rationales[0] if single else rationales)
         return result
 
-    def encode_query(self, texts: EncodeInput, images: Any = None, **kwargs: Any) -> Any:
+    def encode_query(self, texts: EncodeInput | None = None, images: Any = None, **kwargs: Any) -> Any:
         """``encode`` on the query path: each item reasons before it is embedded."""
         return self.encode(texts, images, reason=kwargs.pop("reason", True), **kwargs)
 
-    def encode_document(self, texts: EncodeInput, images: Any = None, **kwargs: Any) -> Any:
+    def encode_document(self, texts: EncodeInput | None = None, images: Any = None, **kwargs: Any) -> Any:
         """``encode`` on the candidate path (no reasoning) unless ``reason=True`` is given."""
         return self.encode(texts, images, reason=kwargs.pop("reason", False), **kwargs)
 
@@ -193,12 +198,26 @@ class RGEEncoder:
     @overload
     def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings: ...
     def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings:
-        """Cosine similarity matrix (len(a), len(b)); numpy in gives numpy out, a tensor gives a tensor."""
-        left, right = (l2_normalize(torch.as_tensor(x).float().reshape(-1, self.embedding_dim)) for x in (a, b))
+        """Cosine similarity matrix (len(a), len(b)); numpy in gives numpy out, a tensor gives a tensor.
+
+        ``a`` and ``b`` are one vector (D,) or a matrix (N, D) of this encoder's dimension D each.
+        """
+        left, right = (l2_normalize(self._as_matrix(x, name)) for x, name in ((a, "a"), (b, "b")))
         scores = left @ right.T
         if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
             return scores
         return scores.numpy()
+
+    def _as_matrix(self, vectors: Embeddings, name: str) -> torch.Tensor:
+        matrix = torch.as_tensor(vectors).float()
+        matrix = matrix[None] if matrix.ndim == 1 else matrix
+        if matrix.ndim != 2 or matrix.shape[1] != self.embedding_dim:
+            dim = self.embedding_dim
+            raise RGEInputError(
+                f"similarity: {name} has shape {tuple(torch.as_tensor(vectors).shape)}; expected ({dim},) "
+                f"or (N, {dim}), this encoder's embedding dimension"
+            )
+        return matrix
 
     def _prepare(
         self, texts: Any, images: Any, reason: bool, budget: int | None = None, *, exif_transpose: bool = True

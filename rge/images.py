@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -16,6 +19,10 @@ from .types import ImageInput
 MIN_SIDE = 28
 """Images with a side under this are resized up to it on that side first, as the reference does."""
 
+URL_TIMEOUT_SECONDS = 20.0
+URL_MAX_BYTES = 64 * 2**20
+"""An ``http(s)`` image is fetched within this time and size, or refused naming the item."""
+
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 """The paper's evaluation budget: 256 to 1024 visual tokens per image."""
@@ -24,10 +31,16 @@ DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) -> Image.Image:
     """Decode ``image`` fully (so that corrupt data fails here) and upsize sides under 28 px.
 
-    Raises RGEInputError naming ``index`` for a missing, unreadable, empty or unsupported image.
+    ``image`` is a PIL image, a path, an ``http(s)`` URL, encoded bytes, or a numpy array / torch tensor
+    (HWC or CHW; uint8, or float in [0, 1]). Raises RGEInputError naming ``index`` for a missing,
+    unreadable, empty or unsupported image.
     """
     if isinstance(image, Image.Image):
         opened = image
+    elif isinstance(image, str) and image.startswith(("http://", "https://")):
+        opened = _open(io.BytesIO(fetch_url(image, index)), index, f"image at {image!r}")
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        opened = from_array(image, index)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -37,7 +50,9 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
         opened = _open(io.BytesIO(bytes(image)), index, "image bytes")
     else:
         raise RGEInputError(
-            f"unsupported image type {type(image).__name__}; expected a PIL image, a path or bytes", index
+            f"unsupported image type {type(image).__name__}; expected a PIL image, a path, an http(s) URL, "
+            "bytes, or a numpy array / torch tensor",
+            index,
         )
     if opened.width == 0 or opened.height == 0:
         raise RGEInputError(f"image has zero size ({opened.width}x{opened.height})", index)
@@ -47,6 +62,39 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
         return to_rgb(upsize_small_sides(opened))
     except (ValueError, OSError) as exc:
         raise RGEInputError(f"image of mode {opened.mode!r} cannot be converted to RGB ({exc})", index) from None
+
+
+def fetch_url(url: str, index: int) -> bytes:
+    """The body of ``url``, within ``URL_TIMEOUT_SECONDS`` and ``URL_MAX_BYTES``, or an RGEInputError."""
+    try:
+        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response:  # noqa: S310 - http(s) only
+            body = response.read(URL_MAX_BYTES + 1)
+    except urllib.error.HTTPError as error:
+        raise RGEInputError(f"image URL {url!r} answered HTTP {error.code}", index) from None
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise RGEInputError(f"image URL {url!r} could not be fetched ({reason})", index) from None
+    if len(body) > URL_MAX_BYTES:
+        raise RGEInputError(f"image URL {url!r} is larger than {URL_MAX_BYTES} bytes", index)
+    return body
+
+
+def from_array(array: np.ndarray | torch.Tensor, index: int) -> Image.Image:
+    """An image from pixels: (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 channels; uint8, or float in [0, 1]."""
+    pixels = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    if pixels.ndim == 3 and pixels.shape[-1] not in (1, 3, 4) and pixels.shape[0] in (1, 3, 4):
+        pixels = np.moveaxis(pixels, 0, -1)  # CHW -> HWC
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
+        raise RGEInputError(f"an image array must be HW, HWC or CHW with 1, 3 or 4 channels, got {pixels.shape}", index)
+    if pixels.dtype.kind == "f":
+        if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
+            raise RGEInputError("a float image array must hold finite values in [0, 1]", index)
+        pixels = np.round(pixels * 255)
+    elif pixels.dtype != np.uint8:
+        raise RGEInputError(f"an image array must be uint8 or float, got {pixels.dtype}", index)
+    return Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)))
 
 
 def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:

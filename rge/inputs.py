@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -24,27 +25,47 @@ class Item:
 
 
 def normalize_inputs(
-    texts: EncodeInput, images: Sequence[ImageInput | None] | None = None, *, exif_transpose: bool = True
+    texts: EncodeInput | None,
+    images: Sequence[ImageInput | None] | ImageInput | None = None,
+    *,
+    exif_transpose: bool = True,
 ) -> tuple[list[Item], bool]:
     """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
 
-    Every problem raises RGEInputError naming the item index, before any image is sent to the model.
+    ``texts`` may be a str or dict (one item), or any sequence or iterable of them (list, tuple, numpy
+    array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. Every problem
+    raises RGEInputError naming the item index, before any image is sent to the model.
     """
-    single = isinstance(texts, (str, dict))
-    entries = [texts] if single else texts
-    if not isinstance(entries, (list, tuple)):
-        raise RGEInputError(f"texts must be a str, a dict or a list of them, got {type(texts).__name__}")
+    if texts is None:
+        if images is None:
+            raise RGEInputError("give texts, images or both")
+        single = not _is_image_list(images)
+        entries: list[Any] = [""] * (1 if single else len(images))  # type: ignore[arg-type]
+    else:
+        single = isinstance(texts, (str, Mapping))
+        entries = [texts] if single else _as_list(texts)
     pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
     if images is not None:
-        if single and not isinstance(images, (list, tuple)):
-            images = [images]  # type: ignore[list-item]  # one image for one item
-        pairs = _attach_images(pairs, images)
+        pairs = _attach_images(pairs, [images] if single and not _is_image_list(images) else images)
     items = [_make_item(text, image, index, exif_transpose) for index, (text, image) in enumerate(pairs)]
     return items, single
 
 
+def _as_list(texts: object) -> list[Any]:
+    """Any container of items as a list (numpy arrays and pandas Series through ``tolist``)."""
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise RGEInputError(f"texts must be a str, a dict or a sequence of them, got {type(texts).__name__}")
+    tolist = getattr(texts, "tolist", None)
+    return list(tolist()) if callable(tolist) else list(texts)
+
+
+def _is_image_list(images: object) -> bool:
+    """A list of images (one per item), as opposed to one image: a list or tuple, never an array."""
+    return isinstance(images, (list, tuple))
+
+
 def _split_entry(entry: object, index: int) -> tuple[str, ImageInput | None]:
-    if isinstance(entry, dict):
+    if isinstance(entry, Mapping):
         unknown = set(entry) - _ITEM_KEYS
         if unknown:
             raise RGEInputError(f"unknown keys {sorted(unknown)} in item dict; allowed: 'text', 'image'", index)
@@ -67,10 +88,8 @@ def _check_text(text: object, index: int) -> str:
     return text
 
 
-def _attach_images(
-    pairs: list[tuple[str, ImageInput | None]], images: Sequence[ImageInput | None]
-) -> list[tuple[str, ImageInput | None]]:
-    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+def _attach_images(pairs: list[tuple[str, ImageInput | None]], images: Any) -> list[tuple[str, ImageInput | None]]:
+    if not _is_image_list(images):
         raise RGEInputError(f"images must be a list (one entry per text), got {type(images).__name__}")
     if len(images) != len(pairs):
         raise RGEInputError(f"got {len(pairs)} texts but {len(images)} images; give one image entry (or None) per text")
@@ -89,6 +108,8 @@ def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: 
     if slots == 1 and image is None:
         raise RGEInputError("text has an image marker but no image was given", index)
     decoded = None if image is None else load_image(image, index, exif_transpose=exif_transpose)
+    if decoded is None and not text:
+        raise RGEInputError("empty text and no image: nothing to embed", index)
     placed = place_image(text, decoded is not None)
     if placed.count(IMAGE_PAD_TOKEN) != placed.count(VISION_BLOCK):
         raise RGEInputError(f"text contains {IMAGE_PAD_TOKEN} outside a vision block", index)

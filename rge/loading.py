@@ -39,6 +39,10 @@ class LoadedCheckpoint:
     pad_token_id: int
     path: Path
     generation: GenerationSettings
+    name: str = ""
+    """What it was loaded from: the hub id, or the local directory's absolute path."""
+    revision: str | None = None
+    """The hub commit it was loaded at (None for a local directory)."""
 
 
 def resolve_checkpoint(

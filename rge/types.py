@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from PIL import Image
 
-ImageInput = Image.Image | str | os.PathLike[str] | bytes
-"""An image: a PIL image, a path to an image file, or the raw bytes of an encoded image."""
+ImageInput = Image.Image | str | os.PathLike[str] | bytes | np.ndarray | torch.Tensor
+"""An image: a PIL image, a path or ``http(s)`` URL of an image file, the raw bytes of an encoded image, or
+pixels as a numpy array or torch tensor (HWC or CHW; uint8, or float in [0, 1])."""
 
 
 class MultimodalItem(TypedDict, total=False):
@@ -22,5 +23,6 @@ class MultimodalItem(TypedDict, total=False):
 
 
 TextInput = str | MultimodalItem | Mapping[str, Any]
-EncodeInput = TextInput | Sequence[TextInput]
+EncodeInput = TextInput | Iterable[TextInput]
+"""One item, or any sequence or iterable of items (list, tuple, numpy array, pandas Series, generator)."""
 Embeddings = np.ndarray | torch.Tensor

@@ -166,3 +166,107 @@ def test_similarity(encoder):
     assert isinstance(as_tensor, torch.Tensor)
     np.testing.assert_allclose(as_tensor.numpy(), scores, atol=1e-6)
     assert encoder.similarity(a[0], b).shape == (1, 2)
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving a PNG at /cat.png, a 404 elsewhere, and a slow /slow.png."""
+    import http.server
+    import threading
+    import time
+
+    png = image_bytes(make_test_image(64, 48, seed=7))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/slow.png":
+                time.sleep(1.0)
+            if self.path in ("/cat.png", "/slow.png"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                try:
+                    self.wfile.write(png)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (the size and timeout tests)
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", png
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_images_are_fetched(encoder, image_server, monkeypatch):
+    base, png = image_server
+    from_url = encoder.encode_document(["a photo"], images=[f"{base}/cat.png"])
+    from_bytes = encoder.encode_document(["a photo"], images=[png])
+    np.testing.assert_array_equal(from_url, from_bytes)
+    with pytest.raises(RGEInputError, match=r"item 1: image URL .*/missing.png' answered HTTP 404"):
+        encoder.encode_document(["a", "b"], images=[None, f"{base}/missing.png"])
+    monkeypatch.setattr("rge.images.URL_MAX_BYTES", 100)
+    with pytest.raises(RGEInputError, match="item 0: image URL .* is larger than 100 bytes"):
+        encoder.encode_document(["a"], images=[f"{base}/cat.png"])
+    monkeypatch.setattr("rge.images.URL_TIMEOUT_SECONDS", 0.2)
+    with pytest.raises(RGEInputError, match="item 0: image URL .* could not be fetched"):
+        encoder.encode_document(["a"], images=[f"{base}/slow.png"])
+
+
+def test_arrays_and_tensors_are_images(encoder):
+    picture = make_test_image(64, 48, seed=3)
+    hwc = np.array(picture)  # a writable copy, as torch.from_numpy wants
+    expected = encoder.encode_document("x", images=[picture])
+    for pixels in (hwc, np.moveaxis(hwc, -1, 0), torch.from_numpy(hwc), torch.from_numpy(hwc).permute(2, 0, 1),
+                   hwc.astype(np.float32) / 255, torch.from_numpy(hwc).permute(2, 0, 1).float() / 255):  # fmt: skip
+        np.testing.assert_array_equal(encoder.encode_document("x", images=[pixels]), expected)
+    gray = make_test_image(64, 48, seed=3, mode="L")
+    np.testing.assert_array_equal(
+        encoder.encode_document("x", images=[np.asarray(gray)]), encoder.encode_document("x", images=[gray])
+    )
+    for bad, message in ((hwc.astype(np.float32), r"\[0, 1\]"), (hwc[..., :2], "channels"),
+                         (hwc.astype(np.int16), "uint8 or float"), (np.zeros((2, 3, 4, 5)), "channels")):  # fmt: skip
+        with pytest.raises(RGEInputError, match=f"item 0: .*{message}"):
+            encoder.encode_document("x", images=[bad])
+
+
+def test_images_alone(encoder):
+    first, second = make_test_image(64, 48, seed=1), make_test_image(90, 60, seed=2)
+    alone = encoder.encode_document(images=[first, second])
+    as_items = encoder.encode_document([{"image": first}, {"image": second}])
+    np.testing.assert_array_equal(alone, as_items)
+    single = encoder.encode_document(images=first)
+    assert single.shape == (encoder.embedding_dim,)
+    np.testing.assert_allclose(single, alone[0], atol=1e-6)  # alone vs in a padded batch of two
+    with pytest.raises(RGEInputError, match="give texts, images or both"):
+        encoder.encode_document()
+
+
+def test_any_container_of_texts(encoder):
+    import pandas as pd
+
+    texts = ["cat", "a dog on a beach", "What is in the image?"]
+    expected = encoder.encode_document(texts)
+    for container in (tuple(texts), np.array(texts), pd.Series(texts), (t for t in texts), iter(texts)):
+        np.testing.assert_array_equal(encoder.encode_document(container), expected)
+    with pytest.raises(RGEInputError, match="texts must be"):
+        encoder.encode_document(b"bytes are not text")
+
+
+@pytest.mark.parametrize("texts", [[""], [{}], ["ok", ""], ["ok", {"text": ""}]])
+def test_empty_text_without_image_is_an_error(no_model_calls, texts):
+    with pytest.raises(RGEInputError, match=rf"item {len(texts) - 1}: empty text and no image"):
+        no_model_calls.encode_document(texts)
+
+
+def test_similarity_checks_the_dimension(encoder):
+    vectors = encoder.encode_document(["a", "b"])
+    assert encoder.similarity(vectors, vectors[0]).shape == (2, 1)
+    for wrong in (np.ones((4, 32)), np.ones(32), np.ones((2, 2, 64))):
+        with pytest.raises(RGEInputError, match=f"expected \\({encoder.embedding_dim},\\)"):
+            encoder.similarity(vectors, wrong)

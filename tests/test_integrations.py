@@ -62,31 +62,103 @@ def test_llama_index(encoder, image_paths):
     assert asyncio.run(model.aget_image_embedding(image_paths[1])) == model.get_image_embedding(image_paths[1])
 
 
-def test_sentence_transformers(encoder, image_paths, tmp_path):
-    from sentence_transformers import SentenceTransformer
+def test_llama_index_async_runs_batched_off_the_event_loop(encoder, image_paths, monkeypatch):
+    import threading
 
+    from rge.integrations.llama_index import RGEEmbedding
+
+    model = RGEEmbedding(encoder=encoder)
+    calls = []
+    original = encoder.encode_document
+
+    def spy(items, **kwargs):
+        calls.append(
+            (threading.current_thread() is threading.main_thread(), len(items) if isinstance(items, list) else 1)
+        )
+        return original(items, **kwargs)
+
+    monkeypatch.setattr(encoder, "encode_document", spy)
+    texts = asyncio.run(model.aget_text_embedding_batch(DOCUMENTS * 2))
+    images = asyncio.run(model.aget_image_embedding_batch(image_paths))
+    single = asyncio.run(model.aget_text_embedding(DOCUMENTS[0]))
+    assert calls == [(False, 4), (False, 2), (False, 1)]  # worker threads, one call per batch
+    np.testing.assert_allclose(texts, original(DOCUMENTS * 2), atol=1e-6)
+    np.testing.assert_allclose(images, original([{"image": p} for p in image_paths]), atol=1e-6)
+    np.testing.assert_allclose(single, original(DOCUMENTS[0]), atol=1e-6)
+
+
+def test_sentence_transformers(encoder, image_paths, tmp_path):
     from rge.integrations.sentence_transformers import to_sentence_transformer
 
     model = to_sentence_transformer(encoder)
     image = make_test_image(70, 50, seed=9)
+    unit = {"normalize_embeddings": True}
     queries = [QUERY, {"text": "Describe it.", "image": image}]
     documents = [DOCUMENTS[0], image, {"text": "caption", "image": image_paths[0]}]
-    np.testing.assert_allclose(model.encode_query(queries), encoder.encode_query(queries), atol=1e-6)
+    np.testing.assert_allclose(model.encode_query(queries, **unit), encoder.encode_query(queries), atol=1e-6)
     expected_documents = encoder.encode_document([DOCUMENTS[0], {"image": image}, documents[2]])
-    np.testing.assert_allclose(model.encode_document(documents), expected_documents, atol=1e-6)
-    np.testing.assert_allclose(model.encode_query(QUERY), encoder.encode_query(QUERY), atol=1e-6)
+    np.testing.assert_allclose(model.encode_document(documents, **unit), expected_documents, atol=1e-6)
+    np.testing.assert_allclose(model.encode_query(QUERY, **unit), encoder.encode_query(QUERY), atol=1e-6)
+    raw = model.encode_document(DOCUMENTS, normalize_embeddings=False)  # honoured: the raw <emb> states
+    np.testing.assert_allclose(raw, encoder.encode_document(DOCUMENTS, normalize=False), atol=1e-5)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     scores = model.similarity(model.encode_query(queries), model.encode_document(documents))
     np.testing.assert_allclose(scores.numpy(), encoder.similarity(encoder.encode_query(queries), expected_documents),
                                atol=1e-5)  # fmt: skip
     message = [
         {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe it."}]}
     ]
-    np.testing.assert_allclose(model.encode_query([message]), encoder.encode_query([queries[1]]), atol=1e-6)
+    np.testing.assert_allclose(model.encode_query([message], **unit), encoder.encode_query([queries[1]]), atol=1e-6)
+    # a path (or URL) string is the image it names, never embedded as text
+    by_path = model.encode_document([image_paths[0]], **unit)
+    np.testing.assert_allclose(by_path, encoder.encode_document([{"image": image_paths[0]}]), atol=1e-6)
     assert model.get_embedding_dimension() == encoder.embedding_dim
+    with pytest.raises(ValueError, match="token_embeddings' is not available"):
+        model.encode_document(DOCUMENTS, output_value="token_embeddings")
 
+
+def test_sentence_transformers_save_and_load_keep_every_setting(tiny_path, tmp_path, monkeypatch, image_paths):
+    """Reloaded from its folder, the model gives the same image vectors: budget, length, dtype, decoding and
+    the checkpoint reference (hub id and revision, not a cache path) survive; load options are honoured."""
+    import huggingface_hub.constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from sentence_transformers import SentenceTransformer
+
+    from rge import RGEEncoder
+    from rge.integrations.sentence_transformers import to_sentence_transformer
+    from rge.testing import install_in_hf_cache
+
+    install_in_hf_cache(tiny_path, "MCG-NJU/RGE", tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    encoder = RGEEncoder.from_pretrained(
+        "MCG-NJU/RGE", cache_dir=tmp_path / "hub", device="cpu", dtype="bfloat16", min_pixels=4 * 28 * 28,
+        max_pixels=9 * 28 * 28, max_new_tokens=5, max_length=900, repetition_penalty=1.2,
+    )  # fmt: skip
+    model = to_sentence_transformer(encoder)
     model.save(str(tmp_path / "st"))
-    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
-    np.testing.assert_allclose(reloaded.encode_document(DOCUMENTS), encoder.encode_document(DOCUMENTS), atol=1e-6)
+    saved = next((tmp_path / "st").glob("**/config.json")).read_text()
+    assert '"MCG-NJU/RGE"' in saved and str(tmp_path / "hub") not in saved and '"0000000000' in saved
+    reloaded = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu",
+                                   cache_folder=str(tmp_path / "hub"))  # fmt: skip
+    module = reloaded[0]
+    assert (module.min_pixels, module.max_pixels, module.max_length, module.dtype) == (
+        4 * 784,
+        9 * 784,
+        900,
+        "bfloat16",
+    )
+    assert module.encoder.generation_settings.repetition_penalty == 1.2 and module.encoder.max_new_tokens == 5
+    items = [{"image": image_paths[0]}, "What is in the image?"]
+    for task in ("encode_document", "encode_query"):
+        np.testing.assert_array_equal(getattr(reloaded, task)(items), getattr(model, task)(items))
+    overridden = SentenceTransformer(
+        str(tmp_path / "st"), trust_remote_code=True, device="cpu", cache_folder=str(tmp_path / "hub"),
+        model_kwargs={"max_new_tokens": 2},
+    )  # fmt: skip
+    assert overridden[0].encoder.max_new_tokens == 2
+    with pytest.raises(LocalEntryNotFoundError):  # the cache folder given really is the one used
+        SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu",
+                            cache_folder=str(tmp_path / "empty"))  # fmt: skip
 
 
 def test_mteb_encode_and_evaluate(encoder):
@@ -125,6 +197,44 @@ def test_mteb_encode_and_evaluate(encoder):
     }  # fmt: skip
     assert all(0.0 <= r.get_score() <= 1.0 for r in result.task_results) and len(result.task_results) == 2
     assert RGE_MODEL_META.modalities == ["image", "text"] and RGE_MODEL_META.embed_dim == 2048
+
+
+def test_mteb_metadata_and_cache_follow_the_checkpoint(encoder, tiny_path, tmp_path, monkeypatch):
+    """Two checkpoints never share mteb results: the second one is evaluated, not read from the cache."""
+    import huggingface_hub.constants
+    import mteb
+    from mteb.cache import ResultCache
+    from mteb.mocks.mock_tasks.retrieval import MockAny2AnyRetrievalT2ITask
+
+    from rge import RGEEncoder
+    from rge.integrations.mteb import RGEMtebModel
+    from rge.testing import build_tiny_checkpoint, install_in_hf_cache
+
+    other = RGEEncoder.from_pretrained(build_tiny_checkpoint(tmp_path / "other", seed=5), device="cpu",
+                                       max_new_tokens=4)  # fmt: skip
+    first, second = RGEMtebModel(encoder=encoder), RGEMtebModel(encoder=other)
+    assert first.mteb_model_meta.name == f"local/{tiny_path.name}" and first.mteb_model_meta.revision.startswith(
+        "local-"
+    )
+    assert first.mteb_model_meta.revision != second.mteb_model_meta.revision
+    install_in_hf_cache(tiny_path, "MCG-NJU/RGE", tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from_hub = RGEMtebModel("MCG-NJU/RGE", cache_dir=tmp_path / "hub", device="cpu", max_new_tokens=4)
+    assert (from_hub.mteb_model_meta.name, from_hub.mteb_model_meta.revision) == ("MCG-NJU/RGE", "0" * 40)
+
+    cache = ResultCache(tmp_path / "mteb-cache")
+    encoded = []
+    for model in (first, second, first):
+        calls = []
+        original = model.encoder.encode
+        model.encoder.encode = lambda *a, _calls=calls, _original=original, **k: _calls.append(1) or _original(*a, **k)
+        try:
+            mteb.evaluate(model, [MockAny2AnyRetrievalT2ITask()], cache=cache, show_progress_bar=False)
+        finally:
+            del model.encoder.encode
+        encoded.append(len(calls))
+    assert encoded[0] > 0 and encoded[1] > 0  # the second checkpoint is evaluated, not served the first's results
+    assert encoded[2] == 0  # while the first one's rerun really comes from the cache
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def _text_is_invalid(text: str) -> bool:
     """The documented rejections of a text without an image, decided independently of rge."""
     surrogate = any(0xD800 <= ord(char) <= 0xDFFF for char in text)
     marker = "<|image_1|>" in text or "<|vision_start|><|image_pad|><|vision_end|>" in text
-    return surrogate or "<emb>" in text or marker or "<|image_pad|>" in text
+    return text == "" or surrogate or "<emb>" in text or marker or "<|image_pad|>" in text
 
 
 def _image_is_invalid(width: int, height: int) -> bool:

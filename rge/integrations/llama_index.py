@@ -22,7 +22,11 @@ from ..encoder import RGEEncoder  # noqa: E402
 
 
 class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
-    """Query embeddings take the reasoning path; text and image embeddings the candidate path."""
+    """Query embeddings take the reasoning path; text and image embeddings the candidate path.
+
+    The async methods run the encoder in a worker thread, batched as the sync ones, so the event loop is
+    never blocked by the model.
+    """
 
     _encoder: Any = PrivateAttr()
 
@@ -61,8 +65,17 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
         items = [{"image": _image(path)} for path in img_file_paths]
         return self._encoder.encode_document(items, batch_size=self.embed_batch_size).tolist()  # type: ignore[no-any-return]
 
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
     async def _aget_image_embedding(self, img_file_path: str | io.BytesIO) -> list[float]:
         return await asyncio.to_thread(self._get_image_embedding, img_file_path)
+
+    async def _aget_image_embeddings(self, img_file_paths: list[str | io.BytesIO]) -> list[list[float]]:
+        return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
 
 
 def _image(source: str | io.BytesIO) -> str | bytes:

@@ -1,16 +1,22 @@
 """mteb 2.x: RGE as an encoder for text, image and text+image tasks (MIEB included).
 
 >>> import mteb
->>> from rge.integrations.mteb import RGE_MODEL_META
->>> model = RGE_MODEL_META.load_model()                        # doctest: +SKIP
+>>> from rge.integrations.mteb import RGEMtebModel
+>>> model = RGEMtebModel("MCG-NJU/RGE")                        # or RGEMtebModel(encoder=encoder)
 >>> mteb.evaluate(model, mteb.get_tasks(tasks=["CIRRIT2IRetrieval"]))  # doctest: +SKIP
 
 Queries (``prompt_type=query``) take the reasoning path; documents and tasks without a prompt type
-(classification, clustering, STS: both sides alike) take the candidate path.
+(classification, clustering, STS: both sides alike) take the candidate path. Each model carries metadata
+built from the checkpoint it wraps (hub id and revision, or a local directory's name and a fingerprint of
+its files), so mteb's result cache never serves one checkpoint's scores for another.
+``RGE_MODEL_META.load_model()`` works too, but mteb then requires its ``image`` extra (torchvision) for
+every image-capable model; ``RGEMtebModel`` needs no torchvision.
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from . import require
@@ -43,7 +49,7 @@ class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
             load_kwargs["revision"] = revision
         self.encoder = resolve_encoder(encoder, model_name, load_kwargs)
         self.batch_size = batch_size
-        self.mteb_model_meta = RGE_MODEL_META  # mteb checks modalities against it
+        self.mteb_model_meta = model_meta(self.encoder)  # names results in mteb's cache
 
     def encode(
         self,
@@ -65,6 +71,33 @@ class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
         if not chunks:
             return np.zeros((0, self.encoder.embedding_dim), dtype=np.float32)
         return np.concatenate(chunks)
+
+
+def model_meta(encoder: RGEEncoder) -> ModelMeta:
+    """``RGE_MODEL_META`` named after the checkpoint ``encoder`` wraps: its hub id and revision, or, for a
+    local directory, ``local/<directory name>`` and a fingerprint of its config and weight files."""
+    checkpoint = encoder.checkpoint
+    if checkpoint.revision is not None:
+        name, revision = checkpoint.name, checkpoint.revision
+    else:
+        name, revision = f"local/{checkpoint.path.resolve().name}", fingerprint(checkpoint.path)
+    return RGE_MODEL_META.model_copy(update={"name": name, "revision": revision, "embed_dim": encoder.embedding_dim})
+
+
+def fingerprint(path: Path, sample: int = 2**20) -> str:
+    """A short digest of a checkpoint directory: config files whole, weight files by size and their first
+    and last ``sample`` bytes (enough to tell checkpoints apart without reading gigabytes)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".json":
+            digest.update(file.name.encode() + file.read_bytes())
+        elif file.suffix == ".safetensors":
+            size = file.stat().st_size
+            with file.open("rb") as handle:
+                head = handle.read(sample)
+                handle.seek(max(0, size - sample))
+                digest.update(file.name.encode() + str(size).encode() + head + handle.read(sample))
+    return "local-" + digest.hexdigest()[:16]
 
 
 def _items(batch: dict[str, Any]) -> list[dict[str, Any]]:

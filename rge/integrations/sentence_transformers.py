@@ -6,13 +6,16 @@
 
 The model is one custom input module, ``RGEInputModule``, that hands each batch to the encoder: the
 ``task`` sentence-transformers passes (``"query"`` from ``encode_query``, ``"document"`` from
-``encode_document``) picks the path. Inputs: text, PIL images, and ``{"text": ..., "image": ...}`` dicts.
+``encode_document``) picks the path. Inputs: text, images (PIL, arrays, tensors; a str that is an
+``http(s)`` URL or an existing image file's path is that image), ``{"text": ..., "image": ...}`` dicts and
+chat messages.
 Embeddings come back L2-normalised, so dot product and cosine agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import require
@@ -20,17 +23,27 @@ from ._shared import model_label, resolve_encoder
 
 require("sentence_transformers", "sentence-transformers")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules.input_module import InputModule  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
 
 class RGEInputModule(InputModule):  # type: ignore[misc]
-    """The whole RGE model as a sentence-transformers input module (preprocess + forward)."""
+    """The whole RGE model as a sentence-transformers input module (preprocess + forward).
 
-    config_keys = ["model_name_or_path", "max_new_tokens"]
+    ``save`` records a reference to the checkpoint (hub id and revision, or a local directory) with every
+    setting that changes a vector, so that ``SentenceTransformer(path, trust_remote_code=True)`` gives back
+    the same vectors.
+    """
+
+    config_keys = ["model_name_or_path", "revision", "max_new_tokens", "min_pixels", "max_pixels", "max_length",
+                   "dtype", "repetition_penalty"]  # fmt: skip
     forward_kwargs = {"task"}
 
     def __init__(
@@ -38,8 +51,14 @@ class RGEInputModule(InputModule):  # type: ignore[misc]
     ) -> None:
         super().__init__()
         self.encoder = resolve_encoder(encoder, model_name_or_path, load_kwargs)
-        self.model_name_or_path = model_label(self.encoder, model_name_or_path)
+        checkpoint = self.encoder.checkpoint
+        self.model_name_or_path = checkpoint.name or model_label(self.encoder, model_name_or_path)
+        self.revision = checkpoint.revision
         self.max_new_tokens = self.encoder.max_new_tokens
+        self.min_pixels, self.max_pixels = checkpoint.vision.min_pixels, checkpoint.vision.max_pixels
+        self.max_length = self.encoder.max_length
+        self.dtype = str(self.encoder.dtype).removeprefix("torch.")
+        self.repetition_penalty = self.encoder.generation_settings.repetition_penalty
         self.rge_model = self.encoder.model  # a submodule, so the SentenceTransformer moves it with .to()
 
     @property
@@ -52,30 +71,60 @@ class RGEInputModule(InputModule):  # type: ignore[misc]
         return {"rge_items": [_item(value, prompt) for value in inputs]}
 
     def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """The raw ``<emb>`` states: sentence-transformers normalises them when asked
+        (``normalize_embeddings=True``), and cosine similarity does not need it."""
         items = features["rge_items"]
         vectors = self.encoder.encode(
             items,
             reason=task == "query",
             batch_size=max(1, len(items)),
+            normalize=False,
             convert_to_tensor=True,
             show_progress_bar=False,
         )
         features["sentence_embedding"] = vectors.to(self.encoder.device)
+        features["token_embeddings"] = _NoTokenEmbeddings()  # with a mask, as sentence-transformers reads them
+        features["attention_mask"] = torch.ones((len(items), 1), dtype=torch.long)
         return features
 
     def get_embedding_dimension(self) -> int:
         return self.encoder.embedding_dim
 
     def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Save a reference to the RGE checkpoint (the weights stay where they are)."""
+        """Save a reference to the RGE checkpoint and the settings (the weights stay where they are)."""
         self.save_config(output_path)
 
     @classmethod
     def load(  # type: ignore[override]
-        cls, model_name_or_path: str, **kwargs: Any
+        cls,
+        model_name_or_path: str,
+        subfolder: str = "",
+        token: bool | str | None = None,
+        cache_folder: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> RGEInputModule:
-        config = cls.load_config(model_name_or_path=model_name_or_path, **_hub_kwargs(kwargs))
-        return cls(model_name_or_path=config["model_name_or_path"], max_new_tokens=config["max_new_tokens"])
+        """The module ``save`` wrote; ``model_kwargs`` override its settings (e.g. ``{"device": "cpu"}``)."""
+        config = cls.load_config(
+            model_name_or_path=model_name_or_path, subfolder=subfolder, token=token, cache_folder=cache_folder,
+            revision=revision, local_files_only=local_files_only,
+        )  # fmt: skip
+        settings = {key: config[key] for key in cls.config_keys[2:] if config.get(key) is not None}
+        options = {**settings, "revision": config.get("revision"), "token": token, "cache_dir": cache_folder,
+                   "local_files_only": local_files_only, **(model_kwargs or {})}  # fmt: skip
+        return cls(model_name_or_path=config["model_name_or_path"], **options)
+
+
+class _NoTokenEmbeddings:
+    """Stands where sentence-transformers looks for token embeddings, to say why there are none."""
+
+    def __iter__(self) -> Any:
+        raise ValueError(
+            "RGE gives one embedding per input (the hidden state of <emb>); output_value='token_embeddings' "
+            "is not available, use the default output_value='sentence_embedding'"
+        )
 
 
 def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTransformer:
@@ -86,9 +135,11 @@ def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTrans
 
 
 def _item(value: Any, prompt: str | None) -> dict[str, Any]:
-    if isinstance(value, str):
-        item: dict[str, Any] = {"text": value}
-    elif isinstance(value, Image.Image):
+    if isinstance(value, str) and _names_an_image(value):
+        item: dict[str, Any] = {"image": value}
+    elif isinstance(value, str):
+        item = {"text": value}
+    elif isinstance(value, (Image.Image, np.ndarray, torch.Tensor)):
         item = {"image": value}
     elif _is_message(value) or (isinstance(value, list) and value and all(_is_message(m) for m in value)):
         item = _from_messages(value if isinstance(value, list) else [value])
@@ -99,6 +150,15 @@ def _item(value: Any, prompt: str | None) -> dict[str, Any]:
     if prompt:
         item["text"] = prompt + item.get("text", "")
     return item
+
+
+def _names_an_image(value: str) -> bool:
+    """sentence-transformers' convention for image-capable models: a str that is an ``http(s)`` URL or the path
+    of an existing image file is that image, never its name embedded as text."""
+    if value.startswith(("http://", "https://")):
+        return True
+    path = Path(value)
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def _is_message(value: Any) -> bool:
@@ -118,11 +178,6 @@ def _from_messages(messages: list[dict[str, Any]]) -> dict[str, Any]:
     if len(images) > 1:
         raise ValueError(f"RGE embeds one image per item, got {len(images)} in one conversation")
     return {"text": "".join(texts), **({"image": images[0]} if images else {})}
-
-
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("subfolder", "token", "cache_folder", "revision", "local_files_only")
-    return {key: kwargs[key] for key in keys if key in kwargs}
 
 
 __all__ = ["RGEInputModule", "to_sentence_transformer"]
