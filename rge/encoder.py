@@ -26,7 +26,7 @@ from .loading import (
     load_checkpoint,
     resolve_checkpoint,
 )
-from .prompts import EMB_TOKEN
+from .prompts import EMB_TOKEN, resolve_prompt
 from .types import Embeddings, EncodeInput, ImageInput
 
 
@@ -149,6 +149,8 @@ class RGEEncoder:
         *,
         exif_transpose: bool = True,
         repetition_penalty: float | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
         **unknown: Any,
     ) -> Any:
         """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a sequence of them) with their ``images``
@@ -159,6 +161,8 @@ class RGEEncoder:
         ``convert_to_numpy=False``; with ``return_rationales=True``, ``(embeddings, Rationales)``.
         ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
         evaluation loads them. ``repetition_penalty`` overrides ``generation_settings`` for this call.
+        ``prompt`` (a str) or ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``: ``"vqa"``,
+        ``"image_retrieval"``, ...; the side is picked by ``reason``) goes before every text.
         """
         if unknown:
             raise RGEInputError(f"unknown keyword arguments: {', '.join(sorted(unknown))}")
@@ -167,7 +171,11 @@ class RGEEncoder:
         batch_size = _positive_int(batch_size, "batch_size")
         budget = self.max_new_tokens if max_new_tokens is None else _positive_int(max_new_tokens, "max_new_tokens")
         generation = _settings(self.generation_settings, repetition_penalty)
-        tokenized, single = self._prepare(texts, images, reason, budget, exif_transpose=exif_transpose)
+        try:
+            prefix = resolve_prompt(prompt, prompt_name, reason)
+        except ValueError as error:
+            raise RGEInputError(str(error)) from None
+        tokenized, single = self._prepare(texts, images, reason, budget, exif_transpose=exif_transpose, prompt=prefix)
         progress = show_progress_bar if show_progress_bar is not None else len(tokenized) > batch_size
         if not tokenized:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
@@ -220,13 +228,20 @@ class RGEEncoder:
         return matrix
 
     def _prepare(
-        self, texts: Any, images: Any, reason: bool, budget: int | None = None, *, exif_transpose: bool = True
+        self,
+        texts: Any,
+        images: Any,
+        reason: bool,
+        budget: int | None = None,
+        *,
+        exif_transpose: bool = True,
+        prompt: str = "",
     ) -> tuple[list[TokenizedItem], bool]:
         """Validated inputs as prompt token ids (the query or the candidate prompt), and whether input was single.
 
         Everything that can reject an input happens here, before any model work.
         """
-        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose)
+        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose, prompt=prompt)
         if not items:
             return [], single
         tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])

@@ -29,11 +29,13 @@ def normalize_inputs(
     images: Sequence[ImageInput | None] | ImageInput | None = None,
     *,
     exif_transpose: bool = True,
+    prompt: str = "",
 ) -> tuple[list[Item], bool]:
     """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
 
     ``texts`` may be a str or dict (one item), or any sequence or iterable of them (list, tuple, numpy
-    array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. Every problem
+    array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. ``prompt`` goes
+    before each text (after an image placed first). Every problem
     raises RGEInputError naming the item index, before any image is sent to the model.
     """
     if texts is None:
@@ -47,7 +49,7 @@ def normalize_inputs(
     pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
     if images is not None:
         pairs = _attach_images(pairs, [images] if single and not _is_image_list(images) else images)
-    items = [_make_item(text, image, index, exif_transpose) for index, (text, image) in enumerate(pairs)]
+    items = [_make_item(text, image, index, exif_transpose, prompt) for index, (text, image) in enumerate(pairs)]
     return items, single
 
 
@@ -101,7 +103,7 @@ def _attach_images(pairs: list[tuple[str, ImageInput | None]], images: Any) -> l
     return attached
 
 
-def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: bool) -> Item:
+def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: bool, prompt: str) -> Item:
     slots = count_image_slots(text)
     if slots > 1:
         raise RGEInputError(f"text has {slots} image markers but an item holds at most one image", index)
@@ -110,7 +112,7 @@ def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: 
     decoded = None if image is None else load_image(image, index, exif_transpose=exif_transpose)
     if decoded is None and not text:
         raise RGEInputError("empty text and no image: nothing to embed", index)
-    placed = place_image(text, decoded is not None)
+    placed = place_image(prompt + text, decoded is not None)
     if placed.count(IMAGE_PAD_TOKEN) != placed.count(VISION_BLOCK):
         raise RGEInputError(f"text contains {IMAGE_PAD_TOKEN} outside a vision block", index)
     return Item(text=placed, image=decoded)

@@ -62,3 +62,54 @@ class PromptTemplate:
     def candidate(self, text: str) -> str:
         """The prompt embedded in one forward pass: the query prompt followed by ``<emb>``."""
         return self.prefix + text + self.suffix + EMB_TOKEN
+
+
+TASK_PROMPTS: dict[str, str] = {
+    # text -> everyday image (MSCOCO_t2i); documents are images
+    "image_retrieval_query": "Describe and represent the following descriptive caption for everyday image retrieval: ",
+    "image_retrieval_document": "Summarize the given image in one word.",
+    # image -> caption (MSCOCO_i2t); documents are texts
+    "caption_retrieval_query": (
+        "Describe and represent the above everyday image for a corresponding description retrieval"
+    ),
+    "caption_retrieval_document": "Summarize the following sentence in one word: ",
+    # question -> document page image (Wiki-SS-NQ)
+    "document_retrieval_query": "Describe and represent the following query for a document image retrieval: ",
+    "document_retrieval_document": "Summarize the given image in one word.",
+    # image + question -> short answer (OK-VQA, A-OKVQA, GQA, ...)
+    "vqa_query": "Answer the question based on the given image: ",
+    "vqa_document": "Summarize the following answer in one word: ",
+    # image -> class label (ImageNet-1K, VOC2007, ObjectNet, ...)
+    "classification_query": "Identify the category of the main object in the given image for classification",
+    "classification_document": "Summarize the following object category in one word: ",
+    # image + referring expression -> cropped object image (RefCOCO)
+    "grounding_query": (
+        "Describe and focus on the object in the image that follows the following language expressions: "
+    ),
+    "grounding_document": "Summarize the given cropped image of the object in one word.",
+}
+"""Instructions RGE was trained and evaluated with (the authors' MMEB rewrites), by task and side.
+
+Each is put before the item's text (an image goes first). ``prompt_name="vqa"`` picks ``"vqa_query"`` on
+the query path and ``"vqa_document"`` on the candidate path.
+"""
+
+
+def resolve_prompt(prompt: str | None, prompt_name: str | None, reason: bool) -> str:
+    """The prefix for this call: ``prompt`` as given, or the named task prompt for this side ("" for none)."""
+    if prompt is not None and prompt_name is not None:
+        raise ValueError("give prompt or prompt_name, not both")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        return prompt
+    if prompt_name is None:
+        return ""
+    side = f"{prompt_name}_{'query' if reason else 'document'}"
+    for name in (prompt_name, side):
+        if name in TASK_PROMPTS:
+            return TASK_PROMPTS[name]
+    tasks = sorted({name.rsplit("_", 1)[0] for name in TASK_PROMPTS})
+    raise ValueError(
+        f"unknown prompt_name {prompt_name!r}; tasks: {', '.join(tasks)} (or a full name like 'vqa_query')"
+    )

@@ -71,11 +71,11 @@ def test_llama_index_async_runs_batched_off_the_event_loop(encoder, image_paths,
     calls = []
     original = encoder.encode_document
 
-    def spy(items, **kwargs):
-        calls.append(
-            (threading.current_thread() is threading.main_thread(), len(items) if isinstance(items, list) else 1)
-        )
-        return original(items, **kwargs)
+    def spy(texts=None, **kwargs):
+        items = texts if texts is not None else kwargs["images"]
+        on_loop_thread = threading.current_thread() is threading.main_thread()
+        calls.append((on_loop_thread, len(items) if isinstance(items, list) else 1))
+        return original(texts, **kwargs)
 
     monkeypatch.setattr(encoder, "encode_document", spy)
     texts = asyncio.run(model.aget_text_embedding_batch(DOCUMENTS * 2))

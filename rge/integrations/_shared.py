@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..encoder import RGEEncoder
+from ..prompts import resolve_prompt
 
 
 def resolve_encoder(encoder: RGEEncoder | None, model_name: str | None, load_kwargs: dict[str, Any]) -> RGEEncoder:
@@ -20,3 +21,22 @@ def resolve_encoder(encoder: RGEEncoder | None, model_name: str | None, load_kwa
 
 def model_label(encoder: RGEEncoder, model_name: str | None) -> str:
     return model_name if model_name is not None else str(encoder.checkpoint.path)
+
+
+def side_prompts(
+    prompt_name: str | None, query_prompt: str | None, document_prompt: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``encode`` keyword arguments for the query side and the document side of an adapter.
+
+    ``prompt_name`` names a task of ``rge.prompts.TASK_PROMPTS`` (each side gets its own instruction);
+    ``query_prompt`` / ``document_prompt`` are literal prefixes. Checked here, when the adapter is built.
+    """
+    if prompt_name is not None and (query_prompt is not None or document_prompt is not None):
+        raise ValueError("give prompt_name or query_prompt/document_prompt, not both")
+    if prompt_name is not None:
+        for reason in (True, False):
+            resolve_prompt(None, prompt_name, reason)
+        return {"prompt_name": prompt_name}, {"prompt_name": prompt_name}
+    query: dict[str, Any] = {} if query_prompt is None else {"prompt": query_prompt}
+    document: dict[str, Any] = {} if document_prompt is None else {"prompt": document_prompt}
+    return query, document

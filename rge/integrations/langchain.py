@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from . import require
-from ._shared import resolve_encoder
+from ._shared import resolve_encoder, side_prompts
 
 require("langchain_core", "langchain")
 
@@ -24,7 +24,9 @@ class RGEEmbeddings(Embeddings):
     """A ``langchain_core.embeddings.Embeddings`` backed by an RGE encoder.
 
     ``embed_query`` takes the reasoning path, ``embed_documents`` the candidate path; ``embed_image``
-    embeds image documents (local paths), which vector stores such as Chroma look for.
+    embeds image documents (paths or URLs), which vector stores such as Chroma look for. ``prompt_name``
+    (a task of ``rge.prompts.TASK_PROMPTS``, e.g. ``"vqa"``) or ``query_prompt`` / ``document_prompt``
+    put an instruction before each text.
     """
 
     def __init__(
@@ -33,21 +35,26 @@ class RGEEmbeddings(Embeddings):
         *,
         model_name: str | None = None,
         batch_size: int = 16,
+        prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        document_prompt: str | None = None,
         **load_kwargs: Any,
     ) -> None:
         self.encoder = resolve_encoder(encoder, model_name, load_kwargs)
         self.batch_size = batch_size
+        self._query, self._document = side_prompts(prompt_name, query_prompt, document_prompt)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.encoder.encode_document(list(texts), batch_size=self.batch_size).tolist()  # type: ignore[no-any-return]
+        vectors = self.encoder.encode_document(list(texts), batch_size=self.batch_size, **self._document)
+        return vectors.tolist()  # type: ignore[no-any-return]
 
     def embed_query(self, text: str) -> list[float]:
-        return self.encoder.encode_query(text).tolist()  # type: ignore[no-any-return]
+        return self.encoder.encode_query(text, **self._query).tolist()  # type: ignore[no-any-return]
 
     def embed_image(self, uris: list[str]) -> list[list[float]]:
-        """Embed images given as local file paths, on the candidate path."""
-        items = [{"image": uri} for uri in uris]
-        return self.encoder.encode_document(items, batch_size=self.batch_size).tolist()  # type: ignore[no-any-return]
+        """Embed images given as paths or URLs, on the candidate path."""
+        vectors = self.encoder.encode_document(images=list(uris), batch_size=self.batch_size, **self._document)
+        return vectors.tolist()  # type: ignore[no-any-return]
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
         return await asyncio.to_thread(self.embed_documents, texts)

@@ -11,7 +11,7 @@ import io
 from typing import Any
 
 from . import require
-from ._shared import model_label, resolve_encoder
+from ._shared import model_label, resolve_encoder, side_prompts
 
 require("llama_index.core", "llama-index")
 
@@ -25,10 +25,13 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
     """Query embeddings take the reasoning path; text and image embeddings the candidate path.
 
     The async methods run the encoder in a worker thread, batched as the sync ones, so the event loop is
-    never blocked by the model.
+    never blocked by the model. ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``) or
+    ``query_prompt`` / ``document_prompt`` put an instruction before each text.
     """
 
     _encoder: Any = PrivateAttr()
+    _query: dict[str, Any] = PrivateAttr()
+    _document: dict[str, Any] = PrivateAttr()
 
     def __init__(
         self,
@@ -36,34 +39,40 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
         *,
         model_name: str | None = None,
         embed_batch_size: int = 16,
+        prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        document_prompt: str | None = None,
         **load_kwargs: Any,
     ) -> None:
         resolved = resolve_encoder(encoder, model_name, load_kwargs)
         super().__init__(model_name=model_label(resolved, model_name), embed_batch_size=embed_batch_size)
         self._encoder = resolved
+        self._query, self._document = side_prompts(prompt_name, query_prompt, document_prompt)
 
     @classmethod
     def class_name(cls) -> str:
         return "RGEEmbedding"
 
     def _get_query_embedding(self, query: str) -> list[float]:
-        return self._encoder.encode_query(query).tolist()  # type: ignore[no-any-return]
+        return self._encoder.encode_query(query, **self._query).tolist()  # type: ignore[no-any-return]
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
         return await asyncio.to_thread(self._get_query_embedding, query)
 
     def _get_text_embedding(self, text: str) -> list[float]:
-        return self._encoder.encode_document(text).tolist()  # type: ignore[no-any-return]
+        return self._encoder.encode_document(text, **self._document).tolist()  # type: ignore[no-any-return]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return self._encoder.encode_document(texts, batch_size=self.embed_batch_size).tolist()  # type: ignore[no-any-return]
+        vectors = self._encoder.encode_document(texts, batch_size=self.embed_batch_size, **self._document)
+        return vectors.tolist()  # type: ignore[no-any-return]
 
     def _get_image_embedding(self, img_file_path: str | io.BytesIO) -> list[float]:
         return self._get_image_embeddings([img_file_path])[0]
 
     def _get_image_embeddings(self, img_file_paths: list[str | io.BytesIO]) -> list[list[float]]:
-        items = [{"image": _image(path)} for path in img_file_paths]
-        return self._encoder.encode_document(items, batch_size=self.embed_batch_size).tolist()  # type: ignore[no-any-return]
+        images = [_image(path) for path in img_file_paths]
+        vectors = self._encoder.encode_document(images=images, batch_size=self.embed_batch_size, **self._document)
+        return vectors.tolist()  # type: ignore[no-any-return]
 
     async def _aget_text_embedding(self, text: str) -> list[float]:
         return await asyncio.to_thread(self._get_text_embedding, text)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import require
-from ._shared import resolve_encoder
+from ._shared import resolve_encoder, side_prompts
 
 require("mteb", "mteb")
 
@@ -43,12 +43,16 @@ class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
         *,
         encoder: RGEEncoder | None = None,
         batch_size: int = 16,
+        prompt_name: str | None = None,
+        query_prompt: str | None = None,
+        document_prompt: str | None = None,
         **load_kwargs: Any,
     ) -> None:
         if revision is not None:
             load_kwargs["revision"] = revision
         self.encoder = resolve_encoder(encoder, model_name, load_kwargs)
         self.batch_size = batch_size
+        self._prompts = side_prompts(prompt_name, query_prompt, document_prompt)
         self.mteb_model_meta = model_meta(self.encoder)  # names results in mteb's cache
 
     def encode(
@@ -63,8 +67,9 @@ class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
     ) -> np.ndarray:
         """Embed every batch of ``inputs`` (columns "text", "image" or both); one row per input."""
         reason = prompt_type == PromptType.query
+        prompt = self._prompts[0] if reason else self._prompts[1]
         chunks = [
-            self.encoder.encode(items, reason=reason, batch_size=self.batch_size, show_progress_bar=False)
+            self.encoder.encode(items, reason=reason, batch_size=self.batch_size, show_progress_bar=False, **prompt)
             for items in (_items(batch) for batch in inputs)
             if items
         ]

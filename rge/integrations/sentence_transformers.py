@@ -30,6 +30,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules.input_module import InputModule  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
+from ..prompts import TASK_PROMPTS  # noqa: E402
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -128,8 +129,12 @@ class _NoTokenEmbeddings:
 
 
 def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTransformer:
-    """Wrap ``encoder`` in a ``SentenceTransformer`` (cosine similarity); ``kwargs`` go to its constructor."""
+    """Wrap ``encoder`` in a ``SentenceTransformer`` (cosine similarity); ``kwargs`` go to its constructor.
+
+    Its ``prompts`` are rge's task prompts (``encode_query(..., prompt_name="vqa_query")``), unless given.
+    """
     kwargs.setdefault("similarity_fn_name", "cosine")
+    kwargs.setdefault("prompts", dict(TASK_PROMPTS))
     kwargs.setdefault("device", str(encoder.device))
     return SentenceTransformer(modules=[RGEInputModule(encoder)], **kwargs)
 
