@@ -162,8 +162,8 @@ def test_long_input_policy(tiny_path):
 def test_unknown_keyword_is_an_input_error(encoder):
     with pytest.raises(RGEInputError, match="unknown keyword arguments: normalize_embeddings"):
         encoder.encode(["a"], normalize_embeddings=True)
-    with pytest.raises(RGEInputError, match="unknown keyword arguments: prompt_name"):
-        encoder.encode_query(["a"], prompt_name="query")
+    with pytest.raises(RGEInputError, match="unknown keyword arguments: convert_to_list"):
+        encoder.encode_query(["a"], convert_to_list=True)
 
 
 @pytest.fixture
