@@ -17,37 +17,26 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from .corpus_rows import (
+    DEFAULT_FIELDS,
+    INPUT_SUFFIXES,
+    BadRow,
+    CorpusRow,
+    Fields,
+    ReadLog,
+    count_rows,
+    missing_columns,
+    read_corpus,
+)
 from .errors import RGEInputError
 from .storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
-INPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
 
 
 class RGEJobError(ValueError):
     """An output folder cannot be used for this job (other settings, unfinished, not an rge index)."""
-
-
-@dataclass(frozen=True)
-class CorpusRow:
-    """One input row: its position (0-based, blank lines skipped), id, text and image path (or None)."""
-
-    position: int
-    line: int
-    id: str
-    text: str
-    image: str | None
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A row that cannot be encoded, with where it is and why."""
-
-    position: int
-    line: int
-    id: str | None
-    error: str
 
 
 @dataclass
@@ -60,65 +49,7 @@ class JobReport:
     shards: int
     output: Path
     errors: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_corpus(path: str | Path) -> Iterator[CorpusRow | BadRow]:
-    """Stream the rows of a JSONL (``id``, ``text``, optional ``image``) or parquet file with those columns.
-
-    Image paths are taken relative to the input file's folder unless absolute.
-    """
-    path = Path(path)
-    rows = _parquet_records(path) if path.suffix == ".parquet" else _jsonl_records(path)
-    for position, (line, record) in enumerate(rows):
-        yield _row(position, line, record, path.parent)
-
-
-def count_rows(path: str | Path) -> int:
-    """Rows in the input, without parsing them (for the progress bar and the shard plan)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    with path.open("rb") as handle:
-        return sum(1 for line in handle if line.strip())
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield number, error
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            number += 1
-            yield number, record
-
-
-def _row(position: int, line: int, record: Any, base: Path) -> CorpusRow | BadRow:
-    if isinstance(record, json.JSONDecodeError):
-        return BadRow(position, line, None, f"invalid JSON: {record.msg}")
-    if not isinstance(record, dict):
-        return BadRow(position, line, None, f"expected an object, got {type(record).__name__}")
-    row_id = record.get("id")
-    if row_id is None or isinstance(row_id, (dict, list, bool)):
-        return BadRow(position, line, None, "missing or invalid 'id'")
-    text, image = record.get("text") or "", record.get("image") or None
-    if not isinstance(text, str):
-        return BadRow(position, line, str(row_id), f"'text' must be a string, got {type(text).__name__}")
-    if image is not None and not isinstance(image, str):
-        return BadRow(position, line, str(row_id), f"'image' must be a path string, got {type(image).__name__}")
-    return CorpusRow(position, line, str(row_id), text, None if image is None else str(base / image))
+    ignored_keys: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -150,14 +81,21 @@ EncodeRows = Callable[[Iterator[Chunk]], Iterator[tuple[Chunk, Result]]]
 """Turns chunks into results, in order: one process (``local_encode_rows``) or a Ray cluster."""
 
 
-def check_job(input_path: str | Path, output_dir: str | Path, settings: dict[str, Any]) -> None:
-    """Refuse a job that cannot run, before any model is loaded: a missing input or one that is not JSONL or
-    parquet, an output that is a file, or an output folder holding an index made with other ``settings``."""
+def check_job(
+    input_path: str | Path, output_dir: str | Path, settings: dict[str, Any], fields: Fields = DEFAULT_FIELDS
+) -> None:
+    """Refuse a job that cannot run, before any model is loaded: a missing input, one that is not JSONL or
+    parquet, a parquet input without the mapped columns, an output that is a file, or an output folder
+    holding an index made with other ``settings``."""
     input_path, output = Path(input_path), Path(output_dir)
     if not input_path.is_file():
         raise RGEJobError(f"input file {str(input_path)!r} not found")
     if input_path.suffix.lower() not in INPUT_SUFFIXES:
         raise RGEJobError(f"input {str(input_path)!r} is not JSONL or parquet (expected {', '.join(INPUT_SUFFIXES)})")
+    missing = missing_columns(input_path, fields)
+    if missing:
+        raise RGEJobError(f"{str(input_path)!r} has no column {' or '.join(map(repr, missing))}; map one with "
+                          "--id-field / --text-field / --image-field")  # fmt: skip
     if output.exists() and not output.is_dir():
         raise RGEJobError(f"output {str(output)!r} is a file; give a folder")
     changed = changed_settings(output / MANIFEST, settings)
@@ -177,28 +115,33 @@ def encode_corpus(
     chunk_size: int,
     shard_size: int = 10000,
     progress: bool = True,
+    fields: Fields = DEFAULT_FIELDS,
 ) -> JobReport:
     """Encode the corpus into ``output_dir``; ``encode_rows`` turns chunks of rows into results, in order.
 
     ``settings`` (model, side, pixel budget, ...) is recorded in the manifest; a rerun with other settings
-    is refused. Returns counts and the bad rows (also written to ``errors.jsonl``).
+    is refused. ``fields`` names the id, text and image keys. Returns counts, the bad rows (also written to
+    ``errors.jsonl``) and the input's keys that no field maps.
     """
     input_path, output = Path(input_path), Path(output_dir)
-    check_job(input_path, output, settings)
+    check_job(input_path, output, settings, fields)
     plan = ShardPlan(count_rows(input_path), shard_size)
     if plan.rows == 0:
         raise RGEJobError(f"{input_path} has no rows to encode")
     job = {**settings, "input": str(input_path.resolve()), "shard_size": shard_size, "rows": plan.rows}
     _start(output, job)
     done = {shard for shard in range(plan.shards) if _valid_shard(output, plan, shard)}
-    pending = _pending_chunks(read_corpus(input_path), plan, done, chunk_size)
+    log = ReadLog()
+    pending = _pending_chunks(read_corpus(input_path, fields, log), plan, done, chunk_size)
     with tqdm(total=plan.rows, desc="encoding", unit="row", disable=not progress, smoothing=0.05) as bar:
         bar.update(sum(plan.rows_in(shard) for shard in done))
         writer = _ShardWriter(output, plan)
         for (rows, bad), (vectors, rationales, failed) in encode_rows(pending):
             writer.add(rows, bad, vectors, rationales, failed)
             bar.update(len(rows) + len(bad))
-    return _finish(output, plan, job)
+    report = _finish(output, plan, job)
+    report.ignored_keys = sorted(log.ignored_keys)
+    return report
 
 
 def _start(output: Path, job: dict[str, Any]) -> None:
@@ -384,4 +327,13 @@ def encode_items_skipping(
     return np.zeros((0, encoder.embedding_dim), np.float32), [], failed
 
 
-__all__ = ["BadRow", "CorpusRow", "JobReport", "RGEJobError", "encode_corpus", "load_embeddings", "read_corpus"]
+__all__ = [
+    "BadRow",
+    "CorpusRow",
+    "Fields",
+    "JobReport",
+    "RGEJobError",
+    "encode_corpus",
+    "load_embeddings",
+    "read_corpus",
+]

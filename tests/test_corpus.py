@@ -267,3 +267,61 @@ def _png(image) -> bytes:
     from rge.testing import image_bytes
 
     return image_bytes(image)
+
+
+def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys):
+    """Other key names via --id-field/--text-field/--image-field, image bytes (plain or as datasets store
+    them) in parquet: the same vectors as the plain JSONL; unmapped keys are named on stderr."""
+    corpus = _write_corpus(tmp_path, count=8)
+    assert main(_args(corpus, tmp_path / "plain", tiny_path)) in (0, ENCODE_EXIT_ROWS_FAILED)
+    expected, expected_ids = load_embeddings(tmp_path / "plain", return_ids=True)
+    renamed = tmp_path / "renamed.jsonl"
+    rows = []
+    for line in corpus.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            rows.append(line)
+            continue
+        mapping = {"id": "doc_id", "text": "body", "image": "picture"}
+        rows.append(json.dumps({**{mapping[k]: v for k, v in row.items()}, "source": "web"}))
+    renamed.write_text("\n".join(rows) + "\n")
+    fields = ("--id-field", "doc_id", "--text-field", "body", "--image-field", "picture")
+    assert main(_args(renamed, tmp_path / "mapped", tiny_path, *fields)) == ENCODE_EXIT_ROWS_FAILED
+    assert "ignored: source" in capsys.readouterr().err
+    mapped, mapped_ids = load_embeddings(tmp_path / "mapped", return_ids=True)
+    assert mapped_ids == expected_ids
+    np.testing.assert_array_equal(mapped, expected)
+    assert main(_args(renamed, tmp_path / "mapped", tiny_path)) == 2  # another mapping: refused
+    assert "'fields'" in capsys.readouterr().err
+
+    good = [json.loads(line) for line in corpus.read_text().splitlines() if line.strip() and line[0] == "{"]
+    good = [r for r in good if "id" in r and isinstance(r.get("text"), str) and "missing" not in r.get("image", "")
+            and "broken" not in r.get("image", "")]  # fmt: skip
+    images = [(corpus.parent / r["image"]).read_bytes() if "image" in r else None for r in good]
+    for name, column in (
+        ("bytes", images),
+        ("struct", [None if b is None else {"bytes": b, "path": None} for b in images]),
+    ):
+        table = pa.table({"id": [r["id"] for r in good], "text": [r["text"] for r in good], "image": column})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        assert main(_args(tmp_path / f"{name}.parquet", tmp_path / name, tiny_path)) == 0
+        got, got_ids = load_embeddings(tmp_path / name, return_ids=True)
+        assert got_ids == [r["id"] for r in good]
+        np.testing.assert_allclose(got, expected[[expected_ids.index(i) for i in got_ids]], atol=1e-6)
+
+
+def test_duplicate_ids_are_reported(tiny_path, tmp_path):
+    corpus = tmp_path / "dup.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": i % 3, "text": f"row {i}"}) for i in range(5)) + "\n")
+    assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED
+    errors = [json.loads(line) for line in (tmp_path / "index" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(4, "0"), (5, "1")]
+    assert all("duplicate id" in e["error"] and "first at line" in e["error"] for e in errors)
+    assert load_embeddings(tmp_path / "index", return_ids=True)[1] == ["0", "1", "2"]
+
+
+def test_parquet_without_the_mapped_columns_is_refused_up_front(tiny_path, tmp_path, capsys):
+    pq.write_table(pa.table({"key": ["a"], "body": ["text"]}), tmp_path / "c.parquet")
+    assert main(_args(tmp_path / "c.parquet", tmp_path / "index", tiny_path)) == 2
+    assert "no column 'id'" in capsys.readouterr().err and not (tmp_path / "index").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def run_mmeb(args: argparse.Namespace) -> int:
 
 def run_encode(args: argparse.Namespace) -> int:
     """``rge encode``: stream the input into shards, resuming from what ``--output`` already holds."""
-    from ..corpus import RGEJobError, check_job, encode_corpus, local_encode_rows
+    from ..corpus import Fields, RGEJobError, check_job, encode_corpus, local_encode_rows
     from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from ..loading import read_generation_settings
 
@@ -64,6 +65,8 @@ def run_encode(args: argparse.Namespace) -> int:
         "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
         "max_new_tokens": args.max_new_tokens if args.side == "query" else None,
     }  # fmt: skip
+    fields = Fields(id=args.id_field, text=args.text_field, image=args.image_field)
+    settings["fields"] = {"id": fields.id, "text": fields.text, "image": fields.image}
     if args.side == "query":
         try:
             generation = read_generation_settings(args.model, repetition_penalty=args.repetition_penalty)
@@ -71,7 +74,7 @@ def run_encode(args: argparse.Namespace) -> int:
             raise (model_error(error, args.model) or error) from None
         settings["generation"] = generation.as_dict()
     try:
-        check_job(args.input, args.output, settings)
+        check_job(args.input, args.output, settings, fields)
     except RGEJobError as error:
         raise CLIError(str(error)) from None
     if args.ray:
@@ -83,10 +86,13 @@ def run_encode(args: argparse.Namespace) -> int:
         encode_rows = local_encode_rows(load_encoder(args.model, options), args.side, args.batch_size)
     try:
         report = encode_corpus(args.input, args.output, settings, encode_rows, chunk_size=4 * args.batch_size,
-                               shard_size=args.shard_size)  # fmt: skip
+                               shard_size=args.shard_size, fields=fields)  # fmt: skip
     except RGEJobError as error:
         raise CLIError(str(error)) from None
     print(f"encoded {report.encoded} of {report.rows} rows into {report.shards} shards in {report.output}")
+    if report.ignored_keys:
+        print(f"rge encode: note: keys no field maps were ignored: {', '.join(report.ignored_keys)} "
+              "(map one with --id-field / --text-field / --image-field)", file=sys.stderr)  # fmt: skip
     if report.failed:
         raise CLIError(f"{report.failed} rows failed; see {report.output / 'errors.jsonl'}", EXIT_ROWS_FAILED)
     return EXIT_OK

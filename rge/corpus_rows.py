@@ -1,0 +1,141 @@
+"""Reading a corpus for ``rge encode``: rows of a JSONL or parquet file, streamed and checked one by one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+INPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which keys (JSONL) or columns (parquet) hold each row's id, text and image."""
+
+    id: str = "id"
+    text: str = "text"
+    image: str = "image"
+
+
+DEFAULT_FIELDS = Fields()
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One input row: its position (0-based, blank lines skipped), id, text and image (a path or bytes)."""
+
+    position: int
+    line: int
+    id: str
+    text: str
+    image: str | bytes | None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that cannot be encoded, with where it is and why."""
+
+    position: int
+    line: int
+    id: str | None
+    error: str
+
+
+@dataclass
+class ReadLog:
+    """What reading noticed beyond bad rows: keys no field maps (reported, not used)."""
+
+    ignored_keys: set[str] = field(default_factory=set)
+
+
+def read_corpus(
+    path: str | Path, fields: Fields = DEFAULT_FIELDS, log: ReadLog | None = None
+) -> Iterator[CorpusRow | BadRow]:
+    """Stream the rows of a JSONL file (one object per line) or a parquet file, mapped by ``fields``.
+
+    An image is a path (relative to the input file's folder unless absolute), encoded bytes, or a
+    ``{"bytes", "path"}`` struct as Hugging Face datasets store images. A repeated id is a bad row naming
+    the line of its first use. Keys no field maps are collected in ``log``.
+    """
+    path = Path(path)
+    records = _parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path)
+    first_line: dict[str, int] = {}
+    known = {fields.id, fields.text, fields.image}
+    for position, (line, record) in enumerate(records):
+        row = _row(position, line, record, path.parent, fields)
+        if isinstance(record, dict) and log is not None:
+            log.ignored_keys.update(set(record) - known)
+        if isinstance(row, CorpusRow):
+            first = first_line.setdefault(row.id, line)
+            if first != line:
+                row = BadRow(position, line, row.id, f"duplicate id {row.id!r} (first at line {first})")
+        yield row
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows in the input, without parsing them (for the progress bar and the shard plan)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def missing_columns(path: Path, fields: Fields) -> list[str]:
+    """Mapped columns a parquet input lacks (the id, and text and image both); [] for JSONL."""
+    if path.suffix.lower() != ".parquet":
+        return []
+    import pyarrow.parquet as pq
+
+    columns = set(pq.ParquetFile(path).schema_arrow.names)
+    missing = [] if fields.id in columns else [fields.id]
+    if fields.text not in columns and fields.image not in columns:
+        missing += [fields.text, fields.image]
+    return missing
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, error
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    number = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            number += 1
+            yield number, record
+
+
+def _row(position: int, line: int, record: Any, base: Path, fields: Fields) -> CorpusRow | BadRow:
+    if isinstance(record, json.JSONDecodeError):
+        return BadRow(position, line, None, f"invalid JSON: {record.msg}")
+    if not isinstance(record, dict):
+        return BadRow(position, line, None, f"expected an object, got {type(record).__name__}")
+    row_id = record.get(fields.id)
+    if row_id is None or isinstance(row_id, (dict, list, bool)):
+        return BadRow(position, line, None, f"missing or invalid {fields.id!r}")
+    text, image = record.get(fields.text) or "", record.get(fields.image) or None
+    if not isinstance(text, str):
+        return BadRow(position, line, str(row_id), f"{fields.text!r} must be a string, got {type(text).__name__}")
+    if isinstance(image, dict):  # Hugging Face datasets' image struct
+        image = image.get("bytes") or image.get("path") or None
+    if image is not None and not isinstance(image, (str, bytes)):
+        message = f"{fields.image!r} must be a path string or image bytes, got {type(image).__name__}"
+        return BadRow(position, line, str(row_id), message)
+    if isinstance(image, str):
+        image = str(base / image)
+    return CorpusRow(position, line, str(row_id), text, image)
