@@ -7,9 +7,10 @@ A user error ends in one line on stderr and a documented exit status (``rge.cli.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from .._about import DISTRIBUTION, __version__
@@ -94,26 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BUG
 
 
-class _transformers_quiet:
+@contextlib.contextmanager
+def _transformers_quiet(quiet: bool) -> Iterator[None]:
     """Hide transformers' per-load progress bars and load reports unless ``--verbose`` is given."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __enter__(self) -> None:
-        if not self.quiet:
-            return
-        from transformers.utils import logging
-
-        self._bars, self._level = logging.is_progress_bar_enabled(), logging.get_verbosity()
-        logging.disable_progress_bar()
-        logging.set_verbosity_error()
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.quiet:
-            return
-        from transformers.utils import logging
-
-        logging.set_verbosity(self._level)
-        if self._bars:
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
             logging.enable_progress_bar()
