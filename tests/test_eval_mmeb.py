@@ -220,3 +220,18 @@ def test_cli_runs_end_to_end(tiny_path, fixture_dirs, tmp_path, capsys):
     assert summary["settings"]["max_new_tokens"] == 8
     assert summary["settings"]["generation"]["repetition_penalty"] == 1.05  # the checkpoint's decoding, recorded
     assert json.loads((tmp_path / "run.json").read_text())["generation"]["top_k"] == 1
+
+
+def test_cli_refuses_other_settings_before_loading(tiny_path, fixture_dirs, tmp_path, capsys, monkeypatch):
+    data, images = fixture_dirs
+    (tmp_path / "run.json").write_text(json.dumps({"reason": True, "max_new_tokens": 8}))
+    monkeypatch.setattr("rge.encoder.RGEEncoder.from_pretrained", _never_loaded)
+    code = main(["eval", "mmeb", "--model", str(tiny_path), "--data", str(data), "--images", str(images),
+                 "--output", str(tmp_path), "--max-new-tokens", "16", "--subsets", "HatefulMemes"])  # fmt: skip
+    assert code == 2
+    assert "'max_new_tokens': (8, 16)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def _never_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded before the output folder was checked")

@@ -38,8 +38,15 @@ def run_mmeb(args: argparse.Namespace) -> int:
     options = load_options(args)
     check_input_folder(Path(args.images), "--images")
     check_output_folder(Path(args.output))
+    from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    known_before_loading = {
+        "reason": not args.no_reason, "max_new_tokens": args.max_new_tokens,
+        "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+    }  # fmt: skip
     try:
         subsets = mmeb.resolve_subsets(Path(args.data), args.subsets)
+        mmeb.check_output(args.output, known_before_loading)
     except (ValueError, FileNotFoundError) as error:
         raise CLIError(str(error)) from None
     encoder = load_encoder(args.model, options)

@@ -205,12 +205,19 @@ def evaluate(
     return summary
 
 
-def _check_settings(path: Path, settings: dict[str, Any]) -> None:
-    changed = changed_settings(path, settings)
+def check_output(output_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse an output folder holding results made with other ``settings`` (any subset of those
+    ``evaluate`` records), without writing anything: for a check before the model is loaded."""
+    output = Path(output_dir)
+    changed = changed_settings(output / "run.json", settings)
     if changed:
         raise RGESettingsError(
-            f"{path.parent} holds results made with other settings {changed} (before, now); use another --output folder"
+            f"{output} holds results made with other settings {changed} (before, now); use another --output folder"
         )
+
+
+def _check_settings(path: Path, settings: dict[str, Any]) -> None:
+    check_output(path.parent, settings)
     atomic_write_json(path, settings)
 
 
