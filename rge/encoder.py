@@ -16,6 +16,7 @@ from .engine.candidates import embed_candidates
 from .engine.decoder import ReasoningDecoder
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
+from .engine.slot_decoder import SlotDecoder
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
 from .loading import (
@@ -28,6 +29,8 @@ from .loading import (
 )
 from .prompts import EMB_TOKEN, resolve_prompt
 from .types import Embeddings, EncodeInput, ImageInput
+
+KV_CACHES = ("auto", "preallocated", "dynamic")
 
 
 class Rationales(list[str]):
@@ -57,8 +60,14 @@ class RGEEncoder:
         max_new_tokens: int = 128,
         max_length: int | None = None,
         repetition_penalty: float | None = None,
+        kv_cache: str = "auto",
     ) -> None:
+        if kv_cache not in KV_CACHES:
+            raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.checkpoint = checkpoint
+        self.kv_cache = kv_cache
+        """The query path's KV cache: "preallocated" (``SlotCache``), "dynamic" (transformers' ``DynamicCache``)
+        or "auto" (preallocated on CUDA, dynamic elsewhere)."""
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.generation_settings: GenerationSettings = _settings(checkpoint.generation, repetition_penalty)
         """How queries choose rationale tokens: the checkpoint's generation config, as the authors'
@@ -84,6 +93,7 @@ class RGEEncoder:
         max_new_tokens: int = 128,
         max_length: int | None = None,
         repetition_penalty: float | None = None,
+        kv_cache: str = "auto",
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
@@ -95,7 +105,8 @@ class RGEEncoder:
         imports on CUDA, else sdpa; 256*28*28 to 1024*28*28 pixels per image (the paper's budget);
         ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated);
         queries decode as the checkpoint's ``generation_config.json`` says (its repetition penalty;
-        ``repetition_penalty=1.0`` gives plain greedy decoding).
+        ``repetition_penalty=1.0`` gives plain greedy decoding); ``kv_cache``: the query path's cache,
+        preallocated on CUDA and transformers' dynamic one elsewhere (``"preallocated"`` / ``"dynamic"``).
         """
         resolved_device = choose_device(device)
         path = resolve_checkpoint(
@@ -113,7 +124,11 @@ class RGEEncoder:
         checkpoint.name = str(name_or_path) if from_hub else str(path.resolve())
         checkpoint.revision = path.name if from_hub else None  # the snapshot folder is the commit
         return cls(
-            checkpoint, max_new_tokens=max_new_tokens, max_length=max_length, repetition_penalty=repetition_penalty
+            checkpoint,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            repetition_penalty=repetition_penalty,
+            kv_cache=kv_cache,
         )
 
     @property
@@ -275,7 +290,8 @@ class RGEEncoder:
         admission: bool = True,
         generation: GenerationSettings | None = None,
     ) -> tuple[torch.Tensor, Rationales]:
-        decoder = ReasoningDecoder(
+        preallocated = self.kv_cache == "preallocated" or (self.kv_cache == "auto" and self.device.type == "cuda")
+        decoder = (SlotDecoder if preallocated else ReasoningDecoder)(
             self.model,
             self._model_batch,
             self.checkpoint.emb_token_id,

@@ -120,7 +120,7 @@ class ReasoningDecoder:
                     if waiting and (running is None or (self.admission and free >= admit_at)):
                         newcomers = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                         for group in _length_groups(newcomers, self.max_padding):
-                            running = _merge(running, self._prefill(group, outputs))
+                            running = self._merge(running, self._prefill(group, outputs))
                         newcomers = []
                     assert running is not None
                     running, finished = self._step(running, outputs)
@@ -196,6 +196,24 @@ class ReasoningDecoder:
 
     def _step(self, running: _Running, outputs: _Outputs) -> tuple[_Running | None, int]:
         """Feed each row its next token; capture finished rows, drop them, choose the others' next token."""
+        hidden = self._decode_forward(running)
+        done = (running.next_tokens == self.emb_token_id) | (running.counts >= self.max_new_tokens)
+        running.next_positions = running.next_positions + 1
+        finished = int(done.sum())
+        if finished:
+            outputs.embeddings[running.indices[done]] = hidden[done].float()
+            if finished == running.size:
+                return None, finished
+            hidden = hidden[self._select_rows(running, (~done).nonzero().squeeze(1))]
+        running.next_tokens, running.token_ids = self._choose(
+            hidden, running.token_ids, running.indices, running.counts
+        )
+        outputs.tokens[running.indices, running.counts] = running.next_tokens
+        running.counts = running.counts + 1
+        return running, finished
+
+    def _decode_forward(self, running: _Running) -> torch.Tensor:
+        """One decode step of the inner model: the final-norm states (R, D) of the tokens fed."""
         mask = F.pad(running.attention_mask, (0, 1), value=1)
         hidden = self.model.model(
             input_ids=running.next_tokens[:, None],
@@ -204,23 +222,16 @@ class ReasoningDecoder:
             past_key_values=running.cache,
             use_cache=True,
         ).last_hidden_state[:, -1]
-        done = (running.next_tokens == self.emb_token_id) | (running.counts >= self.max_new_tokens)
         running.attention_mask = mask
-        running.next_positions = running.next_positions + 1
-        finished = int(done.sum())
-        if finished:
-            outputs.embeddings[running.indices[done]] = hidden[done].float()
-            if finished == running.size:
-                return None, finished
-            keep = (~done).nonzero().squeeze(1)
-            hidden = hidden[keep]
-            _select_rows(running, keep)
-        running.next_tokens, running.token_ids = self._choose(
-            hidden, running.token_ids, running.indices, running.counts
-        )
-        outputs.tokens[running.indices, running.counts] = running.next_tokens
-        running.counts = running.counts + 1
-        return running, finished
+        return hidden  # type: ignore[no-any-return]
+
+    def _select_rows(self, running: _Running, keep: torch.Tensor) -> torch.Tensor:
+        """Keep rows ``keep``; returns the kept rows' former positions in their new order."""
+        _select_rows(running, keep)
+        return keep
+
+    def _merge(self, running: _Running | None, newcomers: _Running) -> _Running:
+        return _merge(running, newcomers)
 
 
 def _length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[list[TokenizedItem]]:

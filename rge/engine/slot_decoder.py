@@ -1,0 +1,66 @@
+"""The reasoning decoder on a preallocated KV cache (``kv_cache.SlotCache``): same tokens, no per-step copies.
+
+Prefill is unchanged (each admitted group is prefilled into its own cache); the group is then copied into
+free slots of the running cache. Decode steps write in place; finished rows are compacted by moving only
+as many rows as finished. Everything else (token choice, capture, budget, admission policy, out-of-memory
+retries) is ``ReasoningDecoder``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoder import ReasoningDecoder, _merge_token_ids, _Running
+from .kv_cache import SlotCache
+
+
+class SlotDecoder(ReasoningDecoder):
+    """``ReasoningDecoder`` with a ``SlotCache`` of ``batch_size`` slots."""
+
+    def _merge(self, running: _Running | None, newcomers: _Running) -> _Running:
+        if running is None:
+            width = int(newcomers.attention_mask.shape[1])
+            parameter = next(self.model.parameters())
+            cache = SlotCache(self.model.config, self.batch_size, width + 2 * self.max_new_tokens,
+                              parameter.dtype, parameter.device)  # fmt: skip
+        else:
+            cache = running.cache
+        cache.admit(newcomers.cache, newcomers.attention_mask)
+        rows = [newcomers] if running is None else [running, newcomers]
+        return _Running(
+            cache=cache,
+            attention_mask=cache.mask[: cache.rows, cache.start : cache.end],
+            next_positions=torch.cat([r.next_positions for r in rows], dim=1),
+            next_tokens=torch.cat([r.next_tokens for r in rows]),
+            indices=torch.cat([r.indices for r in rows]),
+            counts=torch.cat([r.counts for r in rows]),
+            token_ids=newcomers.token_ids
+            if running is None
+            else _merge_token_ids(running.token_ids, newcomers.token_ids),
+        )
+
+    def _decode_forward(self, running: _Running) -> torch.Tensor:
+        cache = running.cache
+        cache.reserve(1)
+        hidden = self.model.model(
+            input_ids=running.next_tokens[:, None],
+            attention_mask=cache.attention_mask(1),
+            position_ids=running.next_positions[:, :, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+        cache.advance(1)
+        running.attention_mask = cache.mask[: cache.rows, cache.start : cache.end]
+        return hidden  # type: ignore[no-any-return]
+
+    def _select_rows(self, running: _Running, keep: torch.Tensor) -> torch.Tensor:
+        cache = running.cache
+        order = cache.compact(keep)
+        running.attention_mask = cache.mask[: cache.rows, cache.start : cache.end]
+        running.next_positions = running.next_positions[:, order]
+        running.next_tokens = running.next_tokens[order]
+        running.indices = running.indices[order]
+        running.counts = running.counts[order]
+        if running.token_ids is not None:
+            running.token_ids = running.token_ids[order]
+        return order

@@ -1,0 +1,115 @@
+"""The preallocated KV cache: the same tokens and vectors as the authors' algorithm, through admission,
+compaction, column moves and out-of-memory retries; only finished rows move when rows finish."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rge import RGEEncoder, RGEInputError
+from rge.engine.kv_cache import SlotCache
+from rge.engine.slot_decoder import SlotDecoder
+
+from .conftest import BUDGET
+from .test_candidates import cosine
+
+
+@pytest.fixture(scope="module")
+def reference_queries(reference, mixed_items):
+    return [reference.query(text, image, max_new_tokens=BUDGET) for text, image in mixed_items]
+
+
+@pytest.fixture
+def preallocated(encoder):
+    return RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache="preallocated")
+
+
+@pytest.fixture
+def moves(monkeypatch):
+    """Counts the column moves of every SlotCache (the rare rebase to the left, or to make room)."""
+    counter = {"moves": 0}
+    original = SlotCache._move
+
+    def counted(self, new_start):
+        counter["moves"] += 1
+        return original(self, new_start)
+
+    monkeypatch.setattr(SlotCache, "_move", counted)
+    return counter
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
+@pytest.mark.parametrize("admission", [True, False])
+def test_matches_the_authors_algorithm(preallocated, reference_queries, mixed_items, batch_size, admission, moves):
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    tokenized, _ = preallocated._prepare(texts, images, reason=True)
+    embeddings, rationales = preallocated._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
+    for row, (expected, tokens) in enumerate(reference_queries):
+        assert rationales.token_ids[row] == tokens, row
+        assert cosine(embeddings[row], expected) >= 0.9999, row
+    if batch_size == 3 and admission:
+        assert moves["moves"] > 0  # the long admission run reached the capacity and moved its columns
+
+
+def test_public_api_uses_it_and_equals_the_dynamic_cache(encoder, preallocated, mixed_items, monkeypatch):
+    used = []
+    monkeypatch.setattr(
+        SlotDecoder, "run", lambda self, *a, _run=SlotDecoder.run, **k: used.append(1) or _run(self, *a, **k)
+    )
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    got, got_rationales = preallocated.encode_query(texts, images=images, batch_size=4, return_rationales=True)
+    assert used
+    expected, rationales = encoder.encode_query(texts, images=images, batch_size=4, return_rationales=True)
+    assert encoder.kv_cache == "auto" and got_rationales.token_ids == rationales.token_ids
+    assert min(cosine(a, b) for a, b in zip(got, expected)) >= 0.9999
+    with pytest.raises(RGEInputError, match="kv_cache"):
+        RGEEncoder(encoder.checkpoint, kv_cache="paged")
+
+
+def test_compaction_moves_only_as_many_rows_as_finished():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
+                                                         num_hidden_layers=1, head_dim=4))  # fmt: skip
+    cache = SlotCache(config, slots=6, capacity=10, dtype=torch.float32, device=torch.device("cpu"))
+    cache.rows, cache.start, cache.end = 6, 2, 5
+    for row in range(6):
+        cache.keys[0, row, 0, :, 0] = row
+        cache.mask[row, 2:5] = 1
+    writes = []
+    original = torch.Tensor.__setitem__
+
+    def spy(tensor, index, value):
+        if tensor.data_ptr() == cache.keys.data_ptr():
+            writes.append(index)
+        return original(tensor, index, value)
+
+    torch.Tensor.__setitem__ = spy
+    try:
+        order = cache.compact(torch.tensor([0, 2, 4, 5]))  # rows 1 and 3 finished
+    finally:
+        torch.Tensor.__setitem__ = original
+    assert order.tolist() == [0, 4, 2, 5]  # slots 1 and 3 took rows 4 and 5
+    assert [int(cache.keys[0, row, 0, 2, 0]) for row in range(4)] == [0, 4, 2, 5]
+    assert len(writes) == 1 and writes[0][1].tolist() == [1, 3]  # one write of the two holes, nothing else
+    assert cache.rows == 4 and not cache.mask[4:].any()
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_out_of_memory_retries_give_the_same_result(preallocated, mixed_items, monkeypatch, limit):
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    expected, expected_rationales = preallocated.encode_query(
+        texts, images=images, batch_size=8, return_rationales=True
+    )
+    faults, original = [], preallocated.model.model.forward
+
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[0] > limit:
+            faults.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(preallocated.model.model, "forward", forward)
+    got, rationales = preallocated.encode_query(texts, images=images, batch_size=8, return_rationales=True)
+    assert faults and rationales.token_ids == expected_rationales.token_ids
+    assert min(cosine(a, b) for a, b in zip(got, expected)) >= 0.9999
