@@ -8,20 +8,27 @@ retries) is ``ReasoningDecoder``'s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .decoder import ReasoningDecoder, _merge_token_ids, _Running
+from .batching import TokenizedItem
+from .decoder import DecodeResult, ReasoningDecoder, _merge_token_ids, _Running
 from .kv_cache import SlotCache
 
 
 class SlotDecoder(ReasoningDecoder):
-    """``ReasoningDecoder`` with a ``SlotCache`` of ``batch_size`` slots."""
+    """``ReasoningDecoder`` with a ``SlotCache`` of ``batch_size`` slots (fewer when there are fewer items)."""
+
+    def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
+        self._slots = max(1, min(self.batch_size, len(items)))
+        return super().run(items, progress)
 
     def _merge(self, running: _Running | None, newcomers: _Running) -> _Running:
         if running is None:
             width = int(newcomers.attention_mask.shape[1])
             parameter = next(self.model.parameters())
-            cache = SlotCache(self.model.config, self.batch_size, width + 2 * self.max_new_tokens,
+            cache = SlotCache(self.model.config, self._slots, width + 2 * self.max_new_tokens,
                               parameter.dtype, parameter.device)  # fmt: skip
         else:
             cache = running.cache

@@ -1,0 +1,80 @@
+"""The query path with transformers' DynamicCache against rge's preallocated SlotCache, on random models.
+
+    python benchmarks/kv_cache.py --sizes tiny small --repeats 3
+
+Same forced rationale schedule as benchmarks/run.py (random weights never emit <emb>); checks that both
+caches generate the same tokens, and prints queries/s, the median decode step and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import ForcedDecoder, banned_ids, build_encoder, query_workload, stop_schedule  # noqa: E402
+
+from rge.engine.slot_decoder import SlotDecoder  # noqa: E402
+
+
+class ForcedSlotDecoder(ForcedDecoder, SlotDecoder):
+    """The forced schedule on the preallocated cache."""
+
+
+def timed_run(encoder, decoder_class, tokenized, schedule, batch_size: int, budget: int):
+    decoder = decoder_class(encoder.model, encoder._model_batch, encoder.checkpoint.emb_token_id,
+                            max_new_tokens=budget, batch_size=batch_size, generation=encoder.generation_settings,
+                            schedule=schedule, banned=banned_ids(encoder))  # fmt: skip
+    steps, original = [], decoder._step
+
+    def step(running, outputs):
+        start = time.perf_counter()
+        result = original(running, outputs)
+        steps.append(time.perf_counter() - start)
+        return result
+
+    decoder._step = step
+    start = time.perf_counter()
+    result = decoder.run(tokenized)
+    return result.generated, time.perf_counter() - start, statistics.median(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    print(f"{'size':<6} {'workload':<8} {'cache':<12} {'queries/s':>10} {'step ms':>8} {'same tokens':>12}")
+    for size in args.sizes:
+        encoder = build_encoder(size, device, dtype, args.budget, (4 * 28 * 28, 64 * 28 * 28))
+        for workload, with_images in (("text", False), ("mixed", True)):
+            texts, images = query_workload(args.queries, with_images)
+            schedule = stop_schedule(args.queries, args.budget, "varied")
+            tokenized, _ = encoder._prepare(texts, images, reason=True, budget=args.budget)
+            results = {}
+            for name, decoder_class in (("dynamic", ForcedDecoder), ("preallocated", ForcedSlotDecoder)):
+                timed_run(encoder, decoder_class, tokenized[:4], schedule, 4, args.budget)  # warm-up
+                runs = [timed_run(encoder, decoder_class, tokenized, schedule, args.batch_size, args.budget)
+                        for _ in range(args.repeats)]  # fmt: skip
+                results[name] = runs[-1][0]
+                seconds = statistics.median(run[1] for run in runs)
+                step = statistics.median(run[2] for run in runs)
+                same = results[name] == results["dynamic"]
+                print(f"{size:<6} {workload:<8} {name:<12} {args.queries / seconds:>10.1f} {1e3 * step:>8.2f} "
+                      f"{'yes' if same else 'NO':>12}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
