@@ -18,13 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ForcedDecoder, banned_ids, build_encoder, query_workload, stop_schedule  # noqa: E402
-
-from rge.engine.slot_decoder import SlotDecoder  # noqa: E402
-
-
-class ForcedSlotDecoder(ForcedDecoder, SlotDecoder):
-    """The forced schedule on the preallocated cache."""
+from run import ForcedDecoder, ForcedSlotDecoder, banned_ids, build_encoder, query_workload, stop_schedule  # noqa: E402
 
 
 def timed_run(encoder, decoder_class, tokenized, schedule, batch_size: int, budget: int):

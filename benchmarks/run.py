@@ -34,6 +34,7 @@ from rge.engine.batching import ModelBatch  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
 from rge.engine.generation import GenerationSettings  # noqa: E402
 from rge.engine.pooling import gather_at_token  # noqa: E402
+from rge.engine.slot_decoder import SlotDecoder  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
@@ -137,6 +138,16 @@ class ForcedDecoder(ReasoningDecoder):
         return tokens
 
 
+class ForcedSlotDecoder(ForcedDecoder, SlotDecoder):
+    """The forced schedule on the preallocated KV cache."""
+
+
+def forced_decoder_class(encoder: RGEEncoder) -> type[ForcedDecoder]:
+    """The decoder ``encode_query`` would use on this device (preallocated cache on CUDA), with the schedule."""
+    preallocated = encoder.kv_cache == "preallocated" or (encoder.kv_cache == "auto" and encoder.device.type == "cuda")
+    return ForcedSlotDecoder if preallocated else ForcedDecoder
+
+
 class ForceStop:
     """The same schedule as a ``generate`` logits processor (row i of the batch follows ``schedule[i]``)."""
 
@@ -211,7 +222,7 @@ def run_rge(encoder: RGEEncoder, texts, images, schedule, batch_size: int, budge
     """rge's batched decoder; returns tokens per query, seconds per part, peak KV-cache MiB, step log."""
     device = encoder.device
     timer, steps, peak = Timer(device), [], [0]
-    decoder = ForcedDecoder(encoder.model, encoder._model_batch, encoder.checkpoint.emb_token_id,
+    decoder = forced_decoder_class(encoder)(encoder.model, encoder._model_batch, encoder.checkpoint.emb_token_id,
                             max_new_tokens=budget, batch_size=batch_size, admission=admission, schedule=schedule,
                             banned=banned_ids(encoder), generation=encoder.generation_settings)  # fmt: skip
     original_step = decoder._step
@@ -469,7 +480,7 @@ def floor_suite(encoder: RGEEncoder, args: argparse.Namespace) -> dict[str, Any]
     schedule = stop_schedule(args.queries, args.budget, "varied")
     batch_size = max(args.batch_sizes)
     run_rge(encoder, texts[:4], images[:4], schedule[:4], 4, args.budget, True)
-    decoder = ForcedDecoder(model, encoder._model_batch, encoder.checkpoint.emb_token_id, max_new_tokens=args.budget,
+    decoder = forced_decoder_class(encoder)(model, encoder._model_batch, encoder.checkpoint.emb_token_id, max_new_tokens=args.budget,
                             batch_size=batch_size, admission=True, schedule=schedule,
                             banned=banned_ids(encoder), generation=encoder.generation_settings)  # fmt: skip
     ratios, original = [], decoder._step
