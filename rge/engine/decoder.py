@@ -66,6 +66,25 @@ class _Running:
     def size(self) -> int:
         return int(self.indices.shape[0])
 
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Keep the row state (not the cache or mask) of positions ``rows``, in that order."""
+        self.next_positions = self.next_positions[:, rows]
+        self.next_tokens = self.next_tokens[rows]
+        self.indices = self.indices[rows]
+        self.counts = self.counts[rows]
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[rows]
+
+    def row_state_with(self, other: _Running) -> dict[str, Any]:
+        """The row state (not the cache or mask) of these rows followed by ``other``'s."""
+        return {
+            "next_positions": torch.cat([self.next_positions, other.next_positions], dim=1),
+            "next_tokens": torch.cat([self.next_tokens, other.next_tokens]),
+            "indices": torch.cat([self.indices, other.indices]),
+            "counts": torch.cat([self.counts, other.counts]),
+            "token_ids": _merge_token_ids(self.token_ids, other.token_ids),
+        }
+
 
 class ReasoningDecoder:
     """Greedy decoding of many queries at once; see the module docstring for the algorithm.
@@ -256,12 +275,7 @@ def _select_rows(running: _Running, keep: torch.Tensor) -> None:
     """Keep only rows ``keep`` in the cache and row state; trim columns that are padding for all rows."""
     running.cache.batch_select_indices(keep)
     running.attention_mask = running.attention_mask[keep]
-    running.next_positions = running.next_positions[:, keep]
-    running.next_tokens = running.next_tokens[keep]
-    running.indices = running.indices[keep]
-    running.counts = running.counts[keep]
-    if running.token_ids is not None:
-        running.token_ids = running.token_ids[keep]
+    running.take_rows(keep)
     first_used = int(running.attention_mask.any(dim=0).int().argmax())
     if first_used:
         running.attention_mask = running.attention_mask[:, first_used:]
@@ -289,11 +303,7 @@ def _merge(running: _Running | None, newcomers: _Running) -> _Running:
     return _Running(
         cache=running.cache,
         attention_mask=torch.cat([left_pad(running.attention_mask, 1), left_pad(newcomers.attention_mask, 1)]),
-        next_positions=torch.cat([running.next_positions, newcomers.next_positions], dim=1),
-        next_tokens=torch.cat([running.next_tokens, newcomers.next_tokens]),
-        indices=torch.cat([running.indices, newcomers.indices]),
-        counts=torch.cat([running.counts, newcomers.counts]),
-        token_ids=_merge_token_ids(running.token_ids, newcomers.token_ids),
+        **running.row_state_with(newcomers),
     )
 
 

@@ -9,11 +9,12 @@ retries) is ``ReasoningDecoder``'s.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from .batching import TokenizedItem
-from .decoder import DecodeResult, ReasoningDecoder, _merge_token_ids, _Running
+from .decoder import DecodeResult, ReasoningDecoder, _Running
 from .kv_cache import SlotCache
 
 
@@ -33,18 +34,10 @@ class SlotDecoder(ReasoningDecoder):
         else:
             cache = running.cache
         cache.admit(newcomers.cache, newcomers.attention_mask)
-        rows = [newcomers] if running is None else [running, newcomers]
-        return _Running(
-            cache=cache,
-            attention_mask=cache.mask[: cache.rows, cache.start : cache.end],
-            next_positions=torch.cat([r.next_positions for r in rows], dim=1),
-            next_tokens=torch.cat([r.next_tokens for r in rows]),
-            indices=torch.cat([r.indices for r in rows]),
-            counts=torch.cat([r.counts for r in rows]),
-            token_ids=newcomers.token_ids
-            if running is None
-            else _merge_token_ids(running.token_ids, newcomers.token_ids),
-        )
+        view = cache.mask[: cache.rows, cache.start : cache.end]
+        if running is None:
+            return replace(newcomers, cache=cache, attention_mask=view)
+        return _Running(cache=cache, attention_mask=view, **running.row_state_with(newcomers))
 
     def _decode_forward(self, running: _Running) -> torch.Tensor:
         cache = running.cache
@@ -64,10 +57,5 @@ class SlotDecoder(ReasoningDecoder):
         cache = running.cache
         order = cache.compact(keep)
         running.attention_mask = cache.mask[: cache.rows, cache.start : cache.end]
-        running.next_positions = running.next_positions[:, order]
-        running.next_tokens = running.next_tokens[order]
-        running.indices = running.indices[order]
-        running.counts = running.counts[order]
-        if running.token_ids is not None:
-            running.token_ids = running.token_ids[order]
+        running.take_rows(order)
         return order
