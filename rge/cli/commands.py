@@ -31,6 +31,13 @@ def load_encoder(model: str, options: dict[str, Any], *, offer_tiny: bool = Fals
         raise explained from error
 
 
+def pixel_budget(args: argparse.Namespace) -> dict[str, int]:
+    """The image budget a run records: the options given, else the paper's defaults."""
+    from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    return {"min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS}
+
+
 def run_mmeb(args: argparse.Namespace) -> int:
     """``rge eval mmeb``: evaluate, then print the report."""
     from ..eval import mmeb
@@ -38,12 +45,7 @@ def run_mmeb(args: argparse.Namespace) -> int:
     options = load_options(args)
     check_input_folder(Path(args.images), "--images")
     check_output_folder(Path(args.output))
-    from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-
-    known_before_loading = {
-        "reason": not args.no_reason, "max_new_tokens": args.max_new_tokens,
-        "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
-    }  # fmt: skip
+    known_before_loading = {"reason": not args.no_reason, "max_new_tokens": args.max_new_tokens, **pixel_budget(args)}
     try:
         subsets = mmeb.resolve_subsets(Path(args.data), args.subsets)
         mmeb.check_output(args.output, known_before_loading)
@@ -63,13 +65,11 @@ def run_mmeb(args: argparse.Namespace) -> int:
 def run_encode(args: argparse.Namespace) -> int:
     """``rge encode``: stream the input into shards, resuming from what ``--output`` already holds."""
     from ..corpus import Fields, RGEJobError, check_job, encode_corpus, local_encode_rows
-    from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from ..loading import read_generation_settings
 
     options = load_options(args)
     settings = {
-        "model": args.model, "side": args.side, "dtype": args.dtype,
-        "min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS,
+        "model": args.model, "side": args.side, "dtype": args.dtype, **pixel_budget(args),
         "max_new_tokens": args.max_new_tokens if args.side == "query" else None,
     }  # fmt: skip
     fields = Fields(id=args.id_field, text=args.text_field, image=args.image_field)

@@ -70,6 +70,11 @@ class SlotCache(Cache):
     def free_slots(self) -> int:
         return int(self.mask.shape[0]) - self.rows
 
+    @property
+    def used_mask(self) -> torch.Tensor:
+        """The running rows' mask over the columns in use (a view)."""
+        return self.mask[: self.rows, self.start : self.end]
+
     def attention_mask(self, query_length: int = 1) -> torch.Tensor:
         """The running rows' mask over the used columns plus ``query_length`` new ones (marked as real)."""
         self.mask[: self.rows, self.end : self.end + query_length] = 1

@@ -34,10 +34,9 @@ class SlotDecoder(ReasoningDecoder):
         else:
             cache = running.cache
         cache.admit(newcomers.cache, newcomers.attention_mask)
-        view = cache.mask[: cache.rows, cache.start : cache.end]
         if running is None:
-            return replace(newcomers, cache=cache, attention_mask=view)
-        return _Running(cache=cache, attention_mask=view, **running.row_state_with(newcomers))
+            return replace(newcomers, cache=cache, attention_mask=cache.used_mask)
+        return _Running(cache=cache, attention_mask=cache.used_mask, **running.row_state_with(newcomers))
 
     def _decode_forward(self, running: _Running) -> torch.Tensor:
         cache = running.cache
@@ -50,12 +49,12 @@ class SlotDecoder(ReasoningDecoder):
             use_cache=True,
         ).last_hidden_state[:, -1]
         cache.advance(1)
-        running.attention_mask = cache.mask[: cache.rows, cache.start : cache.end]
+        running.attention_mask = cache.used_mask
         return hidden  # type: ignore[no-any-return]
 
     def _select_rows(self, running: _Running, keep: torch.Tensor) -> torch.Tensor:
         cache = running.cache
         order = cache.compact(keep)
-        running.attention_mask = cache.mask[: cache.rows, cache.start : cache.end]
+        running.attention_mask = cache.used_mask
         running.take_rows(order)
         return order
