@@ -127,14 +127,25 @@ class ForcedDecoder(ReasoningDecoder):
 
     def __init__(self, *args: Any, schedule: Sequence[int], banned: Sequence[int], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.schedule = torch.tensor(schedule, device=self.model.device)
+        self.schedule = list(schedule)
         self.banned = list(banned)
+
+    def stream(self, rows: int | None = None) -> Any:
+        self._stream = super().stream(rows)
+        self._row_schedule = torch.zeros(self._stream.rows, dtype=torch.long, device=self.model.device)
+        return self._stream
+
+    def _prefill(self, rows: Sequence[Any], outputs: Any) -> Any:
+        # Rows carry output rows as indices; the schedule follows the query (the stream's key) into its row.
+        for row in rows:
+            self._row_schedule[row.index] = self.schedule[self._stream.key_of(row.index)]
+        return super()._prefill(rows, outputs)
 
     def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         logits = scores.clone()
         logits[:, self.banned + [self.emb_token_id]] = -torch.inf
         tokens = logits.argmax(dim=-1)
-        tokens[self.schedule[indices] == counts + 1] = self.emb_token_id
+        tokens[self._row_schedule[indices] == counts + 1] = self.emb_token_id
         return tokens
 
 

@@ -242,6 +242,22 @@ class RGEEncoder:
             )
         return matrix
 
+    def prepare(
+        self,
+        texts: Any,
+        images: Any = None,
+        *,
+        reason: bool,
+        exif_transpose: bool = True,
+        prompt: str = "",
+    ) -> list[TokenizedItem]:
+        """Inputs as ``encode`` takes them -> prompt token ids (query or candidate prompt), image slots expanded.
+
+        Lower-level than ``encode`` (for engines driven directly, such as ``rge serve``): every check that
+        can reject an input happens here (RGEInputError naming the item), before any model work.
+        """
+        return self._prepare(texts, images, reason, exif_transpose=exif_transpose, prompt=prompt)[0]
+
     def _prepare(
         self,
         texts: Any,
@@ -277,6 +293,13 @@ class RGEEncoder:
         return template.query(item.text) if reason else template.candidate(item.text)
 
     def _encode_candidates(self, items: list[TokenizedItem], batch_size: int, progress: bool) -> torch.Tensor:
+        return self.candidate_embeddings(items, batch_size, progress=progress)
+
+    def candidate_embeddings(
+        self, items: Sequence[TokenizedItem], batch_size: int, *, progress: bool = False
+    ) -> torch.Tensor:
+        """Raw (not normalised) float32 embeddings of prepared candidate items (``prepare(..., reason=False)``,
+        indexed 0..N-1), in index order: one forward pass per length-sorted batch."""
         return embed_candidates(
             self.model, items, self._model_batch, self.checkpoint.emb_token_id, batch_size, progress
         )
@@ -290,19 +313,37 @@ class RGEEncoder:
         admission: bool = True,
         generation: GenerationSettings | None = None,
     ) -> tuple[torch.Tensor, Rationales]:
+        decoder = self.query_decoder(batch_size, budget, generation=generation, admission=admission)
+        result = decoder.run(items, progress)
+        return result.embeddings, Rationales(self.rationale_texts(result.generated), result.generated)
+
+    def query_decoder(
+        self,
+        batch_size: int,
+        max_new_tokens: int | None = None,
+        *,
+        generation: GenerationSettings | None = None,
+        admission: bool = True,
+    ) -> ReasoningDecoder:
+        """The query path's decoder as ``encode`` configures it (its cache, budget and generation settings).
+
+        Lower-level than ``encode``: its ``stream()`` takes prepared items (``prepare``) as they arrive,
+        which is how ``rge serve`` shares one running batch among requests.
+        """
         preallocated = self.kv_cache == "preallocated" or (self.kv_cache == "auto" and self.device.type == "cuda")
-        decoder = (SlotDecoder if preallocated else ReasoningDecoder)(
+        return (SlotDecoder if preallocated else ReasoningDecoder)(
             self.model,
             self._model_batch,
             self.checkpoint.emb_token_id,
-            max_new_tokens=budget,
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             batch_size=batch_size,
             admission=admission,
             generation=generation or self.generation_settings,
         )
-        result = decoder.run(items, progress)
-        texts = [self._rationale_text(tokens) for tokens in result.generated]
-        return result.embeddings, Rationales(texts, result.generated)
+
+    def rationale_texts(self, token_ids: Sequence[Sequence[int]]) -> list[str]:
+        """Rationales as text from generated token ids (``<emb>`` left out)."""
+        return [self._rationale_text(list(tokens)) for tokens in token_ids]
 
     def _rationale_text(self, tokens: list[int]) -> str:
         if tokens and tokens[-1] == self.checkpoint.emb_token_id:

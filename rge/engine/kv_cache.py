@@ -11,7 +11,9 @@ one buffer per K and V, ``[layers, slots, kv_heads, capacity, head_dim]``, and a
   rows move, never the whole cache), and columns no row uses any more are dropped by moving ``start``;
 - admitted queries' prefill caches are copied into free slots, right-aligned at ``end``;
 - when ``end`` reaches the capacity, the used columns move back to the left once (rare: the capacity
-  leaves room for the longest prompt plus the reasoning budget twice over).
+  leaves room for the longest prompt plus the reasoning budget twice over);
+- a newcomer longer than the capacity allows (a server's queries arrive in any order) makes the buffers
+  grow once, by at least half.
 """
 
 from __future__ import annotations
@@ -91,6 +93,21 @@ class SlotCache(Cache):
         if self.end - self.start + columns > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} columns; {self.end - self.start + columns} are needed")
         self._move(0)
+
+    def ensure_columns(self, columns: int) -> None:
+        """Grow the buffers (copying the used columns to the left) if fewer than ``columns`` fit."""
+        if columns <= self.capacity:
+            return
+        capacity = max(columns, self.capacity + self.capacity // 2)
+        width, used = self.end - self.start, slice(self.start, self.end)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
+            new[:, : self.rows, :, :width] = old[:, : self.rows, :, used]
+            setattr(self, name, new)
+        mask = self.mask.new_zeros((self.mask.shape[0], capacity))
+        mask[: self.rows, :width] = self.mask[: self.rows, used]
+        self.mask, self.start, self.end = mask, 0, width
 
     def admit(self, prefill: Any, attention_mask: torch.Tensor) -> None:
         """Copy newcomers' prefill (a ``DynamicCache`` of ``n`` rows and width ``w``) into the next free slots,

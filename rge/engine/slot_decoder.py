@@ -8,37 +8,33 @@ retries) is ``ReasoningDecoder``'s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
-from .batching import TokenizedItem
-from .decoder import DecodeResult, ReasoningDecoder, _Running
+from .decoder import ReasoningDecoder
 from .kv_cache import SlotCache
+from .rows import Running
 
 
 class SlotDecoder(ReasoningDecoder):
-    """``ReasoningDecoder`` with a ``SlotCache`` of ``batch_size`` slots (fewer when there are fewer items)."""
+    """``ReasoningDecoder`` with a ``SlotCache`` of as many slots as rows run together."""
 
-    def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
-        self._slots = max(1, min(self.batch_size, len(items)))
-        return super().run(items, progress)
-
-    def _merge(self, running: _Running | None, newcomers: _Running) -> _Running:
+    def _merge(self, running: Running | None, newcomers: Running, slots: int) -> Running:
+        width = int(newcomers.attention_mask.shape[1])
         if running is None:
-            width = int(newcomers.attention_mask.shape[1])
             parameter = next(self.model.parameters())
-            cache = SlotCache(self.model.config, self._slots, width + 2 * self.max_new_tokens,
+            cache = SlotCache(self.model.config, slots, width + 2 * self.max_new_tokens,
                               parameter.dtype, parameter.device)  # fmt: skip
         else:
             cache = running.cache
+            cache.ensure_columns(width + self.max_new_tokens + 1)
         cache.admit(newcomers.cache, newcomers.attention_mask)
         if running is None:
             return replace(newcomers, cache=cache, attention_mask=cache.used_mask)
-        return _Running(cache=cache, attention_mask=cache.used_mask, **running.row_state_with(newcomers))
+        return Running(cache=cache, attention_mask=cache.used_mask, **running.row_state_with(newcomers))
 
-    def _decode_forward(self, running: _Running) -> torch.Tensor:
+    def _decode_forward(self, running: Running) -> torch.Tensor:
         cache = running.cache
         cache.reserve(1)
         hidden = self.model.model(
@@ -52,7 +48,7 @@ class SlotDecoder(ReasoningDecoder):
         running.attention_mask = cache.used_mask
         return hidden  # type: ignore[no-any-return]
 
-    def _select_rows(self, running: _Running, keep: torch.Tensor) -> torch.Tensor:
+    def _select_rows(self, running: Running, keep: torch.Tensor) -> torch.Tensor:
         cache = running.cache
         order = cache.compact(keep)
         running.attention_mask = cache.used_mask

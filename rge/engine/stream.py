@@ -1,0 +1,157 @@
+"""A running decode that takes queries at any step boundary: the loop behind ``ReasoningDecoder.run``,
+and what a server drives as requests come and go.
+
+Queries wait in arrival order. At a step boundary, once enough of the running batch is free (or when
+nothing runs), waiting queries are admitted: each takes a free output row, the newcomers are prefilled
+in groups of similar length and merged into the batch. Each ``step`` feeds every running row once and
+hands back the queries that finished in it, so a caller can answer as soon as its own queries are done.
+A cancelled query leaves the batch before the next step. On out-of-memory, unfinished queries start
+again with half the rows (finished ones keep their results).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from .batching import TokenizedItem
+from .forward import release_memory
+from .rows import Outputs, Running, length_groups, longest_first
+
+if TYPE_CHECKING:
+    from .decoder import ReasoningDecoder
+
+
+@dataclass(frozen=True)
+class FinishedQuery:
+    """A query whose ``<emb>`` was fed: its key, embedding (float32 on the CPU, not normalised) and the
+    token ids it generated (``<emb>`` included when it was emitted within the budget)."""
+
+    key: Hashable
+    embedding: torch.Tensor
+    token_ids: list[int]
+
+
+class DecodeStream:
+    """Decodes the queries submitted to it, ``rows`` at most at once (default: the decoder's batch size).
+
+    Not thread-safe: one thread submits, cancels and steps (a server's engine loop).
+    """
+
+    def __init__(self, decoder: ReasoningDecoder, rows: int | None = None) -> None:
+        self.decoder = decoder
+        self.rows = max(1, min(decoder.batch_size, rows or decoder.batch_size))
+        hidden_size = int(decoder.model.config.text_config.hidden_size)
+        self._outputs = Outputs.allocate(self.rows, hidden_size, decoder.max_new_tokens, decoder.model.device)
+        self._free_rows = list(range(self.rows - 1, -1, -1))
+        self._waiting: deque[tuple[Hashable, TokenizedItem]] = deque()
+        self._admitted: dict[int, tuple[Hashable, TokenizedItem]] = {}  # output row -> (key, item)
+        self._running: Running | None = None
+        self._limit, self._admit_at = self.rows, decoder.admit_at
+
+    @property
+    def busy(self) -> bool:
+        """Whether any query waits or decodes."""
+        return bool(self._waiting) or self._running is not None
+
+    @property
+    def waiting(self) -> int:
+        """Queries submitted and not yet admitted."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Queries in the running batch."""
+        return 0 if self._running is None else self._running.size
+
+    @property
+    def running_keys(self) -> list[Hashable]:
+        """Keys of the queries in the running batch, in batch order."""
+        return [] if self._running is None else [self.key_of(row) for row in self._running.indices.tolist()]
+
+    def key_of(self, row: int) -> Hashable:
+        """The key of the query decoding in output row ``row`` (the index its batch row carries)."""
+        return self._admitted[row][0]
+
+    def submit(self, queries: Iterable[tuple[Hashable, TokenizedItem]]) -> None:
+        """Queue ``(key, item)`` pairs; keys must be unique among queries not yet finished."""
+        self._waiting.extend(queries)
+
+    def cancel(self, keys: Iterable[Hashable]) -> None:
+        """Forget these queries, waiting or running; their rows leave the batch now."""
+        dropped = set(keys)
+        self._waiting = deque(entry for entry in self._waiting if entry[0] not in dropped)
+        rows = [row for row, (key, _) in self._admitted.items() if key in dropped]
+        if not rows:
+            return
+        for row in rows:
+            del self._admitted[row]
+            self._free_rows.append(row)
+        running = self._running
+        if running is not None:
+            leaving = torch.tensor(rows, device=running.indices.device)
+            keep = (~torch.isin(running.indices, leaving)).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                self._running = None
+            elif keep.numel() < running.size:
+                self.decoder._select_rows(running, keep)
+
+    def step(self) -> list[FinishedQuery]:
+        """Admit waiting queries if there is room, feed every running row once; the queries finished."""
+        try:
+            if self._waiting and self._may_admit():
+                self._admit()
+            if self._running is None:
+                return []
+            self._running, finished = self.decoder._step(self._running, self._outputs)
+        except torch.OutOfMemoryError:
+            if self._limit == 1:
+                raise
+            self._restart_smaller()
+            return []
+        return self._collect(finished) if finished.numel() else []
+
+    def _may_admit(self) -> bool:
+        if self._running is None:
+            return True
+        return self.decoder.admission and self._limit - self._running.size >= self._admit_at
+
+    def _admit(self) -> None:
+        free = self._limit - (0 if self._running is None else self._running.size)
+        newcomers = [self._take_row(*self._waiting.popleft()) for _ in range(min(free, len(self._waiting)))]
+        for group in length_groups(sorted(newcomers, key=longest_first), self.decoder.max_padding):
+            prefilled = self.decoder._prefill(group, self._outputs)
+            self._running = self.decoder._merge(self._running, prefilled, self.rows)
+
+    def _take_row(self, key: Hashable, item: TokenizedItem) -> TokenizedItem:
+        """Give a query a free output row; it becomes the index its batch row carries."""
+        row = self._free_rows.pop()
+        self._outputs.tokens[row] = -1
+        self._admitted[row] = (key, item)
+        return replace(item, index=row)
+
+    def _collect(self, finished: torch.Tensor) -> list[FinishedQuery]:
+        rows = finished.tolist()
+        embeddings = self._outputs.embeddings[finished].cpu()
+        tokens = self._outputs.tokens[finished].cpu()
+        done = []
+        for row, embedding, generated in zip(rows, embeddings, tokens):
+            key, _ = self._admitted.pop(row)
+            self._free_rows.append(row)
+            done.append(FinishedQuery(key, embedding, generated[generated >= 0].tolist()))
+        return done
+
+    def _restart_smaller(self) -> None:
+        """After out-of-memory: unfinished queries wait again (longest first), with half the rows."""
+        retry = [self._admitted[row] for row in sorted(self._admitted)]
+        self._free_rows.extend(self._admitted)
+        self._admitted.clear()
+        self._waiting.extendleft(sorted(retry, key=lambda entry: longest_first(entry[1]), reverse=True))
+        self._running = None
+        self._limit = max(1, self._limit // 2)
+        self._admit_at = max(1, min(self._admit_at, self._limit // 4))
+        release_memory()
