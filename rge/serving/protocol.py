@@ -1,0 +1,159 @@
+"""The OpenAI embeddings protocol as rge serves it: request validation, response bodies, error bodies.
+
+Requests are validated by hand rather than by a schema library so that every error names the field and
+the item index the way OpenAI's errors do (``input[3].image: ...``) and token-id input gets an answer
+that says what to change.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .settings import ServerSettings
+
+INPUT_TYPES = ("query", "document")
+ENCODING_FORMATS = ("float", "base64")
+_ITEM_KEYS = frozenset({"text", "image"})
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str = "input") -> APIError:
+    return APIError(400, message, param=param)
+
+
+@dataclass(frozen=True)
+class RequestItem:
+    """One input: its text ("" when absent) and its image field as sent (None when absent)."""
+
+    text: str
+    image: object | None
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    model: str | None
+    items: list[RequestItem]
+    encoding_format: str
+    input_type: str
+    return_rationales: bool
+    dimensions: int | None
+
+
+def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest:
+    """A decoded JSON body -> an ``EmbeddingRequest``, or an APIError naming the field and item."""
+    if not isinstance(payload, dict):
+        raise invalid("the request body must be a JSON object", param=None)  # type: ignore[arg-type]
+    if "input" not in payload:
+        raise invalid("'input' is required")
+    model = _optional(payload, "model", str)
+    encoding_format = _choice(payload, "encoding_format", ENCODING_FORMATS, "float")
+    input_type = _choice(payload, "input_type", INPUT_TYPES, "document")
+    return_rationales = _optional(payload, "return_rationales", bool) or False
+    dimensions = _optional(payload, "dimensions", int)
+    items = parse_input(payload["input"], settings.max_items_per_request)
+    return EmbeddingRequest(model, items, encoding_format, input_type, return_rationales, dimensions)
+
+
+def parse_input(value: object, max_items: int) -> list[RequestItem]:
+    """``input``: a string, a list of strings, or a list of ``{"text", "image"}`` objects (mixed freely)."""
+    if isinstance(value, str):
+        return [RequestItem(value, None)]
+    if not isinstance(value, list):
+        raise invalid(f"'input' must be a string or a list, got {_json_type(value)}")
+    if not value:
+        raise invalid("'input' is empty")
+    if len(value) > max_items:
+        raise invalid(f"'input' has {len(value)} items; this server accepts at most {max_items} per request")
+    if all(isinstance(entry, int) and not isinstance(entry, bool) for entry in value) or any(
+        isinstance(entry, list) for entry in value
+    ):
+        raise invalid(
+            "token-id input is not supported (rge tokenizes for its own model); send text. LangChain's "
+            "OpenAIEmbeddings sends token ids unless created with check_embedding_ctx_length=False"
+        )
+    return [_item(entry, index) for index, entry in enumerate(value)]
+
+
+def _item(entry: object, index: int) -> RequestItem:
+    if isinstance(entry, str):
+        return RequestItem(entry, None)
+    if not isinstance(entry, dict):
+        raise invalid(f"input[{index}] must be a string or an object with 'text' and/or 'image', "
+                      f"got {_json_type(entry)}", param=f"input[{index}]")  # fmt: skip
+    unknown = set(entry) - _ITEM_KEYS
+    if unknown:
+        raise invalid(f"input[{index}] has unknown keys {sorted(unknown)}; allowed: 'text', 'image'",
+                      param=f"input[{index}]")  # fmt: skip
+    text = entry.get("text", "")
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise invalid(f"input[{index}].text must be a string, got {_json_type(text)}", param=f"input[{index}].text")
+    image = entry.get("image")
+    if image is not None and not isinstance(image, str):
+        raise invalid(f"input[{index}].image must be a string (base64 or a data: URI), got {_json_type(image)}",
+                      param=f"input[{index}].image")  # fmt: skip
+    return RequestItem(text, image)
+
+
+def _optional(payload: dict[str, Any], key: str, kind: type) -> Any:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise invalid(f"'{key}' must be a {kind.__name__}, got {_json_type(value)}", param=key)
+    return value
+
+
+def _choice(payload: dict[str, Any], key: str, choices: Sequence[str], default: str) -> str:
+    value = payload.get(key)
+    if value is None:
+        return default
+    if value not in choices:
+        raise invalid(f"'{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}", param=key)
+    return str(value)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def embedding_data(vectors: np.ndarray, encoding_format: str, rationales: Sequence[str] | None) -> list[dict[str, Any]]:
+    """The ``data`` list: one ``{"object": "embedding", "index", "embedding"}`` per vector (and its rationale)."""
+    data = []
+    for index, vector in enumerate(vectors):
+        if encoding_format == "base64":
+            embedding: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        else:
+            embedding = vector.tolist()
+        entry = {"object": "embedding", "index": index, "embedding": embedding}
+        if rationales is not None:
+            entry["rationale"] = rationales[index]
+        data.append(entry)
+    return data
