@@ -42,6 +42,7 @@ class ServerState:
         self.encoder: Any = None
         self.scheduler: Scheduler | None = None
         self.load_error: str | None = None
+        self.load_exception: BaseException | None = None
         self.created = int(time.time())
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
 
@@ -49,12 +50,13 @@ class ServerState:
         try:
             encoder = load_encoder()
         except Exception as error:
-            self.load_error = f"{type(error).__name__}: {error}"
+            self.load_error, self.load_exception = f"{type(error).__name__}: {error}", error
             logger.error("rge serve: the model failed to load (%s)", self.load_error)
             return
         scheduler = Scheduler(encoder, self.settings, self.metrics)
         scheduler.start()
         self.encoder, self.scheduler = encoder, scheduler
+        logging.getLogger("uvicorn.error").info("rge: model loaded on %s; ready", encoder.device)
 
     def ready(self) -> tuple[Any, Scheduler]:
         if self.scheduler is None:
@@ -67,15 +69,19 @@ class ServerState:
 def create_app(
     settings: ServerSettings,
     load_encoder: Callable[[], Any],
-    on_load_error: Callable[[str], None] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """An app serving the encoder ``load_encoder()`` returns (called once, in a thread, at startup)."""
+    """An app serving the encoder ``load_encoder()`` returns (called once, in a thread, at startup).
+
+    If loading fails, ``/health`` says so (503) and ``on_load_error`` gets the exception.
+    """
     state = ServerState(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(asyncio.to_thread(state.load, load_encoder))
-        loading.add_done_callback(lambda _: state.load_error and on_load_error and on_load_error(state.load_error))
+        if on_load_error is not None:
+            loading.add_done_callback(lambda _: state.load_exception and on_load_error(state.load_exception))
         yield
         await loading
         if state.scheduler is not None:
