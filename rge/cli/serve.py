@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 from typing import Any
 
 from .._about import DISTRIBUTION
-from .errors import EXIT_OK, CLIError
+from .errors import EXIT_MODEL, EXIT_OK, CLIError
 from .options import add_model_options, load_options, positive_float, positive_int
 
 
@@ -22,7 +23,7 @@ def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--served-model-name", action="append", help="name(s) clients use (default: --model)")
     serve.add_argument("--max-queued-items", type=positive_int, default=1024, help="beyond it: 429 (default 1024)")
     serve.add_argument("--max-length", type=positive_int,
-                       help="longest prompt in tokens, images and the query budget included (default: the model's)")  # fmt: skip
+                       help="longest prompt in tokens (images, query budget included)")  # fmt: skip
     serve.add_argument("--max-items-per-request", type=positive_int, default=256)
     serve.add_argument("--max-body-bytes", type=positive_int, default=32 * 2**20)
     serve.add_argument("--max-image-pixels", type=positive_int, default=6000 * 6000, help="per decoded image")
@@ -86,10 +87,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     app = create_app(settings, lambda: load_encoder(args.model, options), on_load_error=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on"))
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: after a clean shutdown
+        server.run()
     if failure:
         error = failure[0]
-        raise error if isinstance(error, CLIError) else CLIError(f"the model failed to load: {error}")
+        if isinstance(error, CLIError):
+            raise error
+        raise CLIError(f"{args.model!r} failed to load: {' '.join(str(error).split())}", EXIT_MODEL)
     return EXIT_OK
 
 

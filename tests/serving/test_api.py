@@ -69,8 +69,9 @@ def test_models_health_and_metrics(server, client):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     client.embeddings.create(model=MODEL, input=QUERIES, extra_body={"input_type": "query"})
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("rge_requests_total", "rge_items_total", "rge_queue_depth", "rge_running_queries",
-                 "rge_batch_size_bucket", "rge_generated_tokens_total", "rge_request_duration_seconds_bucket"):  # fmt: skip
+    names = ("rge_requests_total", "rge_items_total", "rge_queue_depth", "rge_running_queries", "rge_batch_size_bucket",
+             "rge_generated_tokens_total", "rge_request_duration_seconds_bucket")  # fmt: skip
+    for name in names:
         assert name in metrics, name
     generated = [line for line in metrics.splitlines() if line.startswith("rge_generated_tokens_total")]
     assert float(generated[0].split()[-1]) > 0
@@ -87,8 +88,12 @@ BAD_REQUESTS = [
     ({"input": [{"text": "a", "img": "x"}]}, 400, "unknown keys ['img']", "input[0]"),
     ({"input": ["ok", {"text": 7}]}, 400, "input[1].text must be a string", "input[1].text"),
     ({"input": ["ok", {"image": "%%%"}]}, 400, "input[1].image: image must be base64", "input[1].image"),
-    ({"input": ["ok", {"image": b64(b"not an image")}]}, 400, "input[1].image: image cannot be decoded",
-     "input[1].image"),
+    (
+        {"input": ["ok", {"image": b64(b"not an image")}]},
+        400,
+        "input[1].image: image cannot be decoded",
+        "input[1].image",
+    ),
     ({"input": ["ok", "look: <|image_1|>"]}, 400, "input[1]: text has an image marker but no image", "input"),
     ({"input": ["ok", ""]}, 400, "input[1]: empty text and no image", "input"),
     ({"input": "a", "input_type": "passage"}, 400, "'input_type' must be one of", "input_type"),
