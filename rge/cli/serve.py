@@ -33,7 +33,8 @@ def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="fetch http(s) image URLs from this host ('.example.com': its subdomains too)")  # fmt: skip
     serve.add_argument("--allow-private-image-hosts", action="store_true",
                        help="allowed hosts may resolve to private or loopback addresses")  # fmt: skip
-    serve.add_argument("--ray", action="store_true", help=f"Ray Serve replicas (pip install '{DISTRIBUTION}[ray]')")
+    serve.add_argument("--ray", action="store_true",
+                       help=f"Ray Serve replicas (pip install '{DISTRIBUTION}[serve,ray]')")  # fmt: skip
     serve.add_argument("--replicas", type=positive_int, default=1, help="with --ray: engines, each its own model")
     serve.add_argument("--ray-address", help="with --ray: cluster to join (default: start a local one)")
 
@@ -69,6 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
     options = {**load_options(args), "max_length": args.max_length}
     settings = server_settings(args)
     if args.ray:
+        _check_port(args.host, args.port)
         from ..serving.ray_serve import run_ray_serve
 
         run_ray_serve(settings, args.model, options, replicas=args.replicas, host=args.host, port=args.port,

@@ -50,7 +50,7 @@ def run_ray_serve(
     port: int,
     address: str | None = None,
 ) -> None:
-    """Start (or join) Ray, serve on ``host:port`` and block until interrupted."""
+    """Start (or join) Ray, serve on ``host:port`` until Ctrl-C, then shut the application down."""
     import ray
     import torch
     from ray import serve
@@ -60,4 +60,10 @@ def run_ray_serve(
     serve.start(http_options={"host": host, "port": port})
     application = rge_deployment(settings, model, load_kwargs, replicas=replicas,
                                  ray_actor_options={"num_gpus": 1} if on_gpu else {"num_cpus": 1})  # fmt: skip
-    serve.run(application, name="rge", route_prefix="/", blocking=True)
+    try:
+        serve.run(application, name="rge", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()

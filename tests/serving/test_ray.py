@@ -42,3 +42,34 @@ def test_two_replicas_serve_the_same_results(tiny_path, encoder):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_command_runs_replicas_until_ctrl_c(tiny_path, encoder):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    command = [sys.executable, "-m", "rge.cli", "serve", "--ray", "--replicas", "2", "--model", str(tiny_path),
+               "--port", str(port), "--max-new-tokens", str(BUDGET), "--min-pixels", str(MIN_PIXELS),
+               "--max-pixels", str(MAX_PIXELS), "--device", "cpu"]  # fmt: skip
+    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "a cat"}, timeout=30)
+                if response.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        assert cosine(encoder.encode_document("a cat"), response.json()["data"][0]["embedding"]) >= 0.9999
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr[-2000:]
