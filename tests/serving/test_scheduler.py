@@ -88,7 +88,7 @@ def test_a_query_arriving_mid_decode_joins_and_leaves_first(encoder, pool, slow_
     lengths = {entry[0]: len(encoder.encode_query([entry[0]], return_rationales=True)[1].token_ids[0])
                for entry in pool if entry[1] == "query" and isinstance(entry[0], str)}  # fmt: skip
     long_text, short_text = max(lengths, key=lengths.get), min(lengths, key=lengths.get)
-    assert lengths[long_text] >= 3 * lengths[short_text]
+    assert lengths[long_text] >= lengths[short_text] + 10  # room for the newcomer to finish first
     steps = slow_steps(0.02)
     with running_server(encoder, batch_size=8) as (url, state):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
