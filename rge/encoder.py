@@ -199,7 +199,7 @@ class RGEEncoder:
                 tokenized, batch_size, budget, progress, generation=generation
             )
         else:
-            embeddings = self._encode_candidates(tokenized, batch_size, progress)
+            embeddings = self.candidate_embeddings(tokenized, batch_size, progress=progress)
             rationales = Rationales([""] * len(tokenized), [[] for _ in tokenized])
         result = _convert(
             l2_normalize(embeddings) if normalize else embeddings, single, convert_to_numpy, convert_to_tensor
@@ -291,9 +291,6 @@ class RGEEncoder:
     def _prompt(self, item: Item, reason: bool) -> str:
         template = self.checkpoint.template
         return template.query(item.text) if reason else template.candidate(item.text)
-
-    def _encode_candidates(self, items: list[TokenizedItem], batch_size: int, progress: bool) -> torch.Tensor:
-        return self.candidate_embeddings(items, batch_size, progress=progress)
 
     def candidate_embeddings(
         self, items: Sequence[TokenizedItem], batch_size: int, *, progress: bool = False

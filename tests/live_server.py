@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,6 +19,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_healthy(url: str, alive: Callable[[], bool], timeout: float) -> None:
+    """Poll ``url``/health until it answers 200; RuntimeError if ``alive()`` turns False or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"the server at {url} did not become ready")
+        time.sleep(0.05)
+
+
 @contextmanager
 def live_server(app: Any, *, ready_timeout: float = 60.0) -> Iterator[str]:
     """Yields the base URL once ``/health`` answers 200; stops the server afterwards."""
@@ -27,17 +41,8 @@ def live_server(app: Any, *, ready_timeout: float = 60.0) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout
     try:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.05)
+        wait_until_healthy(url, thread.is_alive, ready_timeout)
         yield url
     finally:
         server.should_exit = True

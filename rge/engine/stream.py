@@ -147,7 +147,7 @@ class DecodeStream:
 
     def _restart_smaller(self) -> None:
         """After out-of-memory: unfinished queries wait again (longest first), with half the rows."""
-        retry = [self._admitted[row] for row in sorted(self._admitted)]
+        retry = list(self._admitted.values())
         self._free_rows.extend(self._admitted)
         self._admitted.clear()
         self._waiting.extendleft(sorted(retry, key=lambda entry: longest_first(entry[1]), reverse=True))

@@ -7,13 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 
 from ..conftest import BUDGET
-from ..live_server import free_port
+from ..live_server import free_port, wait_until_healthy
 from ..test_candidates import cosine
 
 
@@ -30,15 +29,7 @@ def test_serve_answers_the_openai_client_then_stops_on_ctrl_c(tiny_path, encoder
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.1)
+        wait_until_healthy(url, lambda: process.poll() is None, 90)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         got = client.embeddings.create(model="tiny", input="a cat", extra_body={"input_type": "query"})
         assert cosine(encoder.encode_query("a cat"), got.data[0].embedding) >= 0.9999
