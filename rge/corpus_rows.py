@@ -61,7 +61,7 @@ def read_corpus(
     the line of its first use. Keys no field maps are collected in ``log``.
     """
     path = Path(path)
-    records = _parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path)
+    records = parquet_records(path) if path.suffix.lower() == ".parquet" else jsonl_records(path)
     first_line: dict[str, int] = {}
     known = {fields.id, fields.text, fields.image}
     for position, (line, record) in enumerate(records):
@@ -99,7 +99,8 @@ def missing_columns(path: Path, fields: Fields) -> list[str]:
     return missing
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object or the JSONDecodeError) per non-blank line."""
     with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -110,7 +111,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, error
 
 
-def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+def parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(row number from 1, row as a dict), read 1024 rows at a time."""
     import pyarrow.parquet as pq
 
     number = 0

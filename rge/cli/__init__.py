@@ -1,4 +1,4 @@
-"""The ``rge`` command line: ``rge demo``, ``rge eval mmeb``, ``rge encode``, ``rge serve``.
+"""The ``rge`` command line: ``rge demo``, ``rge eval mmeb``, ``rge encode``, ``rge serve``, ``rge train``.
 
 A user error ends in one line on stderr and a documented exit status (``rge.cli.errors``); ``--debug``
 (or ``RGE_DEBUG=1``) shows the traceback instead, for bug reports.
@@ -18,6 +18,7 @@ from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_e
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, CLIError
 from .options import add_model_options, positive_int
 from .serve import add_serve_parser, run_serve
+from .train import add_train_parser, run_train
 
 ENCODE_EXIT_ROWS_FAILED = EXIT_ROWS_FAILED
 """``rge encode`` exit status when the job finished but some rows were reported in errors.jsonl."""
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--ray-address", help="cluster to join (default: start a local one; 'auto' to find one)")
     encode.add_argument("--workers", type=positive_int, default=1, help="Ray actors, each with its own model copy")
     add_serve_parser(commands, common)
+    add_train_parser(commands, common)
     return parser
 
 
@@ -76,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rge`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("RGE_DEBUG", "") not in ("", "0")
-    run = {"demo": run_demo, "eval": run_mmeb, "encode": run_encode, "serve": run_serve}[args.command]
+    run = {"demo": run_demo, "eval": run_mmeb, "encode": run_encode, "serve": run_serve, "train": run_train}[args.command]
     name = "rge " + args.command + (f" {args.benchmark}" if args.command == "eval" else "")
     try:
         with _transformers_quiet(not args.verbose):

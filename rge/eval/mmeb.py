@@ -66,8 +66,10 @@ class Row:
 
 @cache
 def load_rules(side: str) -> dict[str, dict[str, Any]]:
-    """The authors' per-subset rewrite rules: ``side`` is "query" (eval variant) or "candidate"."""
-    name = {"query": "instruction_replacements-eval.yaml", "candidate": "candidate_replacements.yaml"}[side]
+    """The authors' per-subset rewrite rules: ``side`` is "query" (eval variant), "candidate" (both), or
+    "training_query" (the training-time variant, keyed by MMEB-train subset names)."""
+    name = {"query": "instruction_replacements-eval.yaml", "candidate": "candidate_replacements.yaml",
+            "training_query": "instruction_replacements.yaml"}[side]  # fmt: skip
     return dict(yaml.safe_load(resources.files("rge.eval").joinpath(f"data/{name}").read_text(encoding="utf-8")))
 
 

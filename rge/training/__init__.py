@@ -1,20 +1,45 @@
-"""The building blocks of RGE's training objective: the joint loss (exact across DDP processes) and the
-LM branch's training sequences. ``rge train`` (the loop, data readers, checkpoints) is not there yet."""
+"""Fine-tuning RGE with the paper's joint objective: ``train(TrainingConfig(...))`` or ``rge train``.
+
+The pieces for people who want their own loop: ``read_training_data`` (rows in rge's or MMEB-train's
+layout), ``epoch_plan`` (task-homogeneous batches), ``build_step_batch`` (self-generated rationales and
+the three lists of sequences), ``backward_step`` (the joint loss's backward, GradCache below the batch
+size), and the losses themselves (exact across DDP processes).
+"""
 
 from __future__ import annotations
 
+from .batches import DataPosition, epoch_plan, process_slice
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence
+from .config import TrainingConfig
+from .data import Side, TrainingDataError, TrainingExample, read_training_data
 from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
+from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch
+from .trainer import Trainer, TrainingSetupError, train
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "IGNORE_INDEX",
+    "DataPosition",
+    "EmbeddingModule",
     "JointLoss",
+    "Side",
+    "StepBatch",
+    "Trainer",
+    "TrainingConfig",
+    "TrainingDataError",
+    "TrainingExample",
     "TrainingSequence",
+    "TrainingSetupError",
+    "backward_step",
+    "build_step_batch",
     "candidate_sequence",
     "collate_training",
+    "epoch_plan",
     "info_nce",
     "joint_loss",
     "language_model_loss",
+    "process_slice",
     "query_sequence",
+    "read_training_data",
+    "train",
 ]

@@ -22,7 +22,7 @@ class TrainingSequence:
 
     item: TokenizedItem
     labelled: int
-    """How many tokens at the end are labels (the rationale and ``<emb>``, or ``<emb>`` alone)."""
+    """How many tokens at the end are labels (the rationale and ``<emb>``, ``<emb>`` alone, or none)."""
 
 
 def query_sequence(prompt: TokenizedItem, rationale_ids: Sequence[int], emb_token_id: int) -> TrainingSequence:
@@ -41,6 +41,11 @@ def candidate_sequence(prompt: TokenizedItem, emb_token_id: int) -> TrainingSequ
     return TrainingSequence(prompt, 1)
 
 
+def unlabelled_sequence(item: TokenizedItem) -> TrainingSequence:
+    """A sequence that only gives an embedding (a query prompt followed by its self-generated rationale)."""
+    return TrainingSequence(item, 0)
+
+
 def collate_training(
     sequences: Sequence[TrainingSequence], pad_id: int, image_pad_id: int, vision: VisionPreprocessor
 ) -> tuple[ModelBatch, torch.Tensor]:
@@ -49,5 +54,6 @@ def collate_training(
     batch = collate([sequence.item for sequence in sequences], pad_id, image_pad_id, vision)
     labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
     for row, sequence in enumerate(sequences):
-        labels[row, -sequence.labelled :] = batch.input_ids[row, -sequence.labelled :]
+        if sequence.labelled:
+            labels[row, -sequence.labelled :] = batch.input_ids[row, -sequence.labelled :]
     return batch, labels

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -17,18 +19,21 @@ def rank() -> int:
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """All processes' ``local`` rows concatenated in rank order; this process's rows keep their gradient.
 
-    Every process must give the same number of rows (checked: a mismatch would pair the wrong rows).
+    Processes may hold different numbers of rows (hard negatives vary by example): rows are padded to
+    the largest count for the collective and the padding is dropped again.
     """
     if world_size() == 1:
         return local
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
-    if len({int(size) for size in sizes}) != 1:
-        raise ValueError(f"every process needs the same batch size to gather embeddings, got {[int(s) for s in sizes]}")
-    gathered = [torch.empty_like(local) for _ in range(world_size())]
-    dist.all_gather(gathered, local.detach().contiguous())
-    gathered[rank()] = local
-    return torch.cat(gathered)
+    counts = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([local.shape[0]], device=local.device))
+    sizes = [int(count) for count in counts]
+    padded = local.detach().new_zeros((max(sizes), *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    gathered = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(gathered, padded.contiguous())
+    parts = [part[:size] for part, size in zip(gathered, sizes)]
+    parts[rank()] = local
+    return torch.cat(parts)
 
 
 def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
@@ -38,3 +43,27 @@ def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in one process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_environment(device: torch.device) -> bool:
+    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the environment
+    (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU. Returns whether this call created the group."""
+    if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True

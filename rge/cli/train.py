@@ -1,0 +1,97 @@
+"""``rge train``: fine-tune an RGE checkpoint with the paper's joint objective (``rge.training``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .._about import DISTRIBUTION
+from .errors import EXIT_OK, CLIError, model_error
+from .options import add_model_options, check_device, check_dtype, positive_float, positive_int
+
+
+def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
+    train.add_argument("--data", nargs="+", required=True, help="JSONL or parquet files (rge or MMEB-train columns)")
+    train.add_argument("--output", required=True, help="folder for checkpoints, logs and the trained model")
+    train.add_argument("--image-root", help="folder image paths are relative to (default: each data file's)")
+    add_model_options(train)
+    train.set_defaults(batch_size=8)
+    train.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: --epochs over the data)")
+    train.add_argument("--epochs", type=positive_int, default=1)
+    train.add_argument("--micro-batch-size", type=positive_int,
+                       help="rows per forward with a graph; smaller than --batch-size: cached gradients")  # fmt: skip
+    train.add_argument("--learning-rate", type=positive_float, default=2e-5)
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    train.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--temperature", type=positive_float, default=0.02, help="InfoNCE temperature")
+    train.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss")
+    train.add_argument("--max-negatives", type=int, help="hard negatives per example (default: all the row has)")
+    train.add_argument("--mix-tasks", action="store_true", help="batches mix tasks (default: one task per batch)")
+    train.add_argument("--lora", action="store_true", help=f"train a LoRA adapter (pip install '{DISTRIBUTION}[train]')")
+    train.add_argument("--lora-r", type=positive_int, default=16)
+    train.add_argument("--lora-alpha", type=positive_int, default=64)
+    train.add_argument("--lora-dropout", type=float, default=0.1)
+    train.add_argument("--no-dora", action="store_true", help="plain LoRA (default: DoRA, as the authors train)")
+    train.add_argument("--lora-target-modules", nargs="+", help="module name suffixes (default: the authors')")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--save-steps", type=int, default=0, help="resumable checkpoint every N steps (0: none)")
+    train.add_argument("--logging-steps", type=positive_int, default=1)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    train.add_argument("--no-tensorboard", action="store_true", help="log to log.jsonl only")
+
+
+def training_config(args: argparse.Namespace) -> Any:
+    """The run's ``TrainingConfig`` from the options, checked before anything is loaded."""
+    from ..training import TrainingConfig
+
+    check_device(args.device)
+    check_dtype(args.dtype)
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {str(output)!r} is a file; give a folder (it is created if missing)")
+    for path in args.data:
+        if not Path(path).is_file():
+            raise CLIError(f"--data {path!r} does not exist")
+    if args.image_root and not Path(args.image_root).is_dir():
+        raise CLIError(f"--image-root {args.image_root!r} is not a folder")
+    extra = {"lora_target_modules": args.lora_target_modules} if args.lora_target_modules else {}
+    try:
+        return TrainingConfig(
+            model=args.model, data=args.data, output=args.output, image_root=args.image_root,
+            max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
+            max_grad_norm=args.max_grad_norm, seed=args.seed, temperature=args.temperature,
+            lm_weight=args.lm_weight, max_new_tokens=args.max_new_tokens, max_negatives=args.max_negatives,
+            mix_tasks=args.mix_tasks, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout, dora=not args.no_dora, gradient_checkpointing=args.gradient_checkpointing,
+            save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
+            dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard, **extra,
+        )  # fmt: skip
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..training import TrainingDataError, TrainingSetupError, train
+
+    config = training_config(args)
+    try:
+        output = train(config)
+    except (TrainingDataError, TrainingSetupError) as error:
+        raise CLIError(str(error)) from None
+    except Exception as error:
+        known = model_error(error, args.model)
+        if known is not None:
+            raise known from None
+        raise
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"trained model saved to {output} (load it with RGEEncoder.from_pretrained or --model)")
+    return EXIT_OK

@@ -1,0 +1,130 @@
+"""Resumable training checkpoints, and the final model as a checkpoint ``RGEEncoder`` loads.
+
+``OUTPUT/checkpoint-STEP/`` holds the trainable weights (every weight in full fine-tuning, the adapter
+in LoRA), the optimiser and scheduler states, each process's RNG states, and ``state.json`` (step, data
+position, settings). A checkpoint is written under a temporary name and renamed when complete, so a
+crash while saving leaves the previous one as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..storage import atomic_write_json
+from .batches import DataPosition
+from .distributed import barrier, rank
+
+WEIGHTS_FILE = "trainable.safetensors"
+STATE_FILE = "state.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_MODEL_FILES = ("config.json", "model.safetensors.index.json")
+
+
+@dataclass
+class TrainingState:
+    step: int
+    position: DataPosition
+    settings: dict[str, Any]
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    return output / f"checkpoint-{step}"
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``output``, or None."""
+    found = [path for path in output.glob("checkpoint-*") if (path / STATE_FILE).is_file()]
+    found = [path for path in found if path.name.removeprefix("checkpoint-").isdigit()]
+    return max(found, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
+
+
+def save_checkpoint(
+    output: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainingState
+) -> Path:
+    """Write ``checkpoint-STEP`` (every process calls this: each writes its RNG states)."""
+    final = checkpoint_dir(output, state.step)
+    partial = final.with_name(final.name + ".partial")
+    if rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    torch.save(_rng_states(), partial / f"rng-{rank()}.pt")
+    if rank() == 0:
+        save_file({name: p.detach().cpu().contiguous() for name, p in trainable(model).items()}, partial / WEIGHTS_FILE)
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    barrier()
+    if rank() == 0:
+        atomic_write_json(partial / STATE_FILE, {"step": state.step, "epoch": state.position.epoch,
+                                                 "batch": state.position.batch, "settings": state.settings})  # fmt: skip
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+    barrier()
+    return final
+
+
+def load_checkpoint_state(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainingState:
+    """Restore what ``save_checkpoint`` wrote into ``model``, ``optimizer``, ``scheduler`` and the RNGs."""
+    saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    weights = load_file(path / WEIGHTS_FILE)
+    parameters = trainable(model)
+    if set(weights) != set(parameters):
+        differ = sorted(set(weights) ^ set(parameters))[:4]
+        raise ValueError(f"{path} was saved for other trainable weights (LoRA settings changed?): {differ}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(weights[name])
+    device = next(iter(parameters.values())).device
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-{rank()}.pt"
+    if not rng_file.is_file():
+        raise ValueError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
+    _restore_rng(torch.load(rng_file, weights_only=False))
+    return TrainingState(saved["step"], DataPosition(saved["epoch"], saved["batch"]), saved["settings"])
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def export_model(model: Any, source: Path, output: Path) -> None:
+    """Save ``model`` (a PEFT model is merged first) with ``source``'s tokenizer, processor, chat template
+    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.to(_saved_dtype(source))
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    for file in source.iterdir():
+        if file.is_file() and file.name not in _MODEL_FILES and not file.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copyfile(file, output / file.name)
+
+
+def _saved_dtype(source: Path) -> torch.dtype:
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    name = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _rng_states() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # fmt: skip
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

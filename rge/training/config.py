@@ -1,0 +1,101 @@
+"""Everything a training run is configured by (``rge train``'s options), with its checks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .losses import DEFAULT_TEMPERATURE
+
+LORA_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "k_proj", "q_proj", "out_proj", "v_proj")
+"""The authors' LoRA targets (names matched as module-name suffixes; in Qwen2.5-VL they hit the language
+model's attention and down projections and the vision blocks' down projections)."""
+
+SCHEDULERS = ("linear", "cosine", "constant")
+
+PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root")
+"""Settings that decide which examples form each step: a resumed run must keep them."""
+
+
+@dataclass
+class TrainingConfig:
+    """A training run. ``batch_size`` is per process: the contrastive batch is ``batch_size`` x processes."""
+
+    model: str
+    data: list[str]
+    output: str
+    image_root: str | None = None
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (default: ``epochs`` passes over the data)."""
+    epochs: int = 1
+    batch_size: int = 8
+    micro_batch_size: int | None = None
+    """Rows per forward with a graph; below the batch size, gradients are cached (GradCache)."""
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    temperature: float = DEFAULT_TEMPERATURE
+    lm_weight: float = 1.0
+    max_new_tokens: int = 128
+    """Budget of the self-generated rationales (the query path's)."""
+    max_negatives: int | None = None
+    """Hard negatives used per example (None: all the row has)."""
+    mix_tasks: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    dora: bool = True
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    gradient_checkpointing: bool = False
+    save_steps: int = 0
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    logging_steps: int = 1
+    resume: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    """Precision of the forward passes: bfloat16 autocast on CUDA by default, float32 on CPU. The weights
+    and the optimiser state stay float32."""
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    repetition_penalty: float | None = None
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data = [str(path) for path in self.data]
+        for name in ("epochs", "batch_size", "max_new_tokens", "logging_steps", "lora_r"):
+            _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "micro_batch_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"{name} must be at least 1, got {value}")
+        _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(self.lm_weight >= 0, f"lm_weight must be >= 0, got {self.lm_weight}")
+        _check(self.warmup_steps >= 0 and self.save_steps >= 0, "warmup_steps and save_steps must be >= 0")
+        _check(self.max_negatives is None or self.max_negatives >= 0, "max_negatives must be >= 0")
+        _check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
+        _check(bool(self.data), "give at least one data file")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def plan_changes(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Data-plan settings that differ from a saved run's (``{name: (saved, now)}``)."""
+        now = self.as_dict()
+        return {name: (saved.get(name), now[name]) for name in PLAN_FIELDS if saved.get(name) != now[name]}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

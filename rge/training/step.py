@@ -1,0 +1,240 @@
+"""One step of RGE's joint objective: self-generated rationales, three passes, and the backward.
+
+A step's examples become three lists of sequences (``StepBatch``):
+- **queries**: each query prompt followed by the rationale the model generates for it now (greedy, as
+  the query path decodes, with the model in eval mode and no gradient); their last hidden state is the
+  query embedding of the contrastive branch;
+- **candidates**: positives then hard negatives on the candidate path (prompt + ``<emb>``); the state at
+  ``<emb>`` is the candidate embedding and ``<emb>`` is their LM label;
+- **supervision**: each query prompt followed by its supervision rationale and ``<emb>``, all labelled,
+  for the LM branch only. The supervision rationale never reaches the contrastive branch.
+
+``backward_step`` runs them through ``EmbeddingModule`` (one call per forward, so DDP can wrap it) and
+back-propagates the joint loss: in one go, or, with ``micro_batch_size``, with cached gradients
+(GradCache): embeddings of the whole batch first without a graph, the contrastive loss and its gradient
+with respect to them, then each micro-batch again with its graph, so the contrastive batch stays whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..encoder import RGEEncoder
+from ..engine.batching import ModelBatch, TokenizedItem
+from ..engine.forward import build_position_ids, forward_prompts
+from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
+from .data import Side, TrainingDataError, TrainingExample
+from .distributed import world_size
+from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, global_count, info_nce, joint_loss
+
+Pass = tuple[ModelBatch, torch.Tensor]
+"""One forward over a collated batch: its model inputs and LM labels (``IGNORE_INDEX`` where unlabelled)."""
+
+
+@dataclass
+class PassOutput:
+    embeddings: torch.Tensor
+    """(B, D) float32: the final-norm hidden state at each row's last token."""
+    lm_sum: torch.Tensor
+    """Summed next-token cross-entropy over the pass's labelled tokens (0 when none)."""
+
+
+class EmbeddingModule(torch.nn.Module):
+    """The model as one module whose forward runs a step's passes, for DDP to wrap."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, passes: Sequence[Pass]) -> list[PassOutput]:
+        return [self._run(batch, labels) for batch, labels in passes]
+
+    def _run(self, batch: ModelBatch, labels: torch.Tensor) -> PassOutput:
+        hidden = forward_prompts(self.model, batch, build_position_ids(self.model, batch))
+        targets = labels[:, 1:]
+        labelled = targets != IGNORE_INDEX
+        if bool(labelled.any()):
+            logits = self.model.lm_head(hidden[:, :-1][labelled]).float()
+            lm_sum = F.cross_entropy(logits, targets[labelled], reduction="sum")
+        else:
+            lm_sum = hidden.new_zeros((), dtype=torch.float32)
+        return PassOutput(hidden[:, -1].float(), lm_sum)
+
+
+@dataclass
+class StepBatch:
+    """A step's sequences (see the module docstring) and what the contrastive branch needs to know."""
+
+    queries: list[TrainingSequence]
+    candidates: list[TrainingSequence]
+    """Positives (one per query, in query order) then hard negatives."""
+    supervision: list[TrainingSequence]
+    generated: list[list[int]]
+    """Each query's self-generated token ids (``<emb>`` included when emitted)."""
+
+    @property
+    def positives(self) -> int:
+        return len(self.queries)
+
+
+def build_step_batch(
+    encoder: RGEEncoder,
+    examples: Sequence[TrainingExample],
+    *,
+    max_new_tokens: int,
+    max_negatives: int | None = None,
+) -> StepBatch:
+    """Prompts for ``examples``, the rationales the model generates for them now, and the three lists."""
+    emb = encoder.checkpoint.emb_token_id
+    prompts = [_prepare(encoder, example.query, example, reason=True) for example in examples]
+    generated = self_generated_rationales(encoder, prompts, max_new_tokens)
+    queries = [
+        unlabelled_sequence(TokenizedItem(row, [*prompt.input_ids, *tokens], prompt.image))
+        for row, (prompt, tokens) in enumerate(zip(prompts, generated))
+    ]
+    sides = [example.positive for example in examples]
+    sides += [negative for example in examples for negative in example.negatives[:max_negatives]]
+    owners = [*examples, *(example for example in examples for _ in example.negatives[:max_negatives])]
+    candidates = [
+        candidate_sequence(_prepare(encoder, side, owner, reason=False), emb) for side, owner in zip(sides, owners)
+    ]
+    tokenizer = encoder.checkpoint.tokenizer
+    supervision = [
+        query_sequence(prompt, tokenizer(example.rationale, add_special_tokens=False)["input_ids"], emb)
+        for prompt, example in zip(prompts, examples)
+        if example.rationale is not None
+    ]
+    return StepBatch(queries, candidates, supervision, generated)
+
+
+def self_generated_rationales(
+    encoder: RGEEncoder, prompts: Sequence[TokenizedItem], max_new_tokens: int
+) -> list[list[int]]:
+    """The rationales the query path generates for ``prompts`` now: eval mode (no dropout), no gradient."""
+    model = encoder.model
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = encoder.query_decoder(batch_size=len(prompts), max_new_tokens=max_new_tokens)
+        indexed = [replace(prompt, index=row) for row, prompt in enumerate(prompts)]
+        return decoder.run(indexed).generated
+    finally:
+        model.train(was_training)
+
+
+def _prepare(encoder: RGEEncoder, side: Side, example: TrainingExample, *, reason: bool) -> TokenizedItem:
+    item = {"text": side.text} if side.image is None else {"text": side.text, "image": side.image}
+    try:
+        return encoder.prepare([item], reason=reason, exif_transpose=example.exif_transpose)[0]
+    except ValueError as error:  # RGEInputError: name the row, not the position in this call
+        raise TrainingDataError(f"{example.source}: {str(error).removeprefix('item 0: ')}") from error
+
+
+def backward_step(
+    module: torch.nn.Module,
+    step: StepBatch,
+    collate: Callable[[Sequence[TrainingSequence]], Pass],
+    *,
+    temperature: float = DEFAULT_TEMPERATURE,
+    lm_weight: float = 1.0,
+    micro_batch_size: int | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> JointLoss:
+    """Back-propagate the step's joint loss into ``module``'s parameters; returns the loss for logging.
+
+    ``collate`` turns sequences into a pass on the model's device. ``micro_batch_size`` (None: the whole
+    batch at once) bounds the rows of one forward with a graph; ``no_sync`` (DDP's) defers the gradient
+    all-reduce to the last micro-batch.
+    """
+    device = next(module.parameters()).device
+    count = global_count(sum(sequence.labelled for sequence in step.candidates + step.supervision), device)
+    largest = max(len(step.queries), len(step.candidates), len(step.supervision))
+    if micro_batch_size is None or micro_batch_size >= largest:
+        lm_sum, queries, candidates = _forward_all(module, step, collate)
+        lm = lm_sum / count.clamp(min=1)
+        loss = joint_loss(_contrastive(queries, candidates, step, temperature), lm, lm_weight)
+        loss.for_backward.backward()
+        return loss
+    return _cached_backward(module, step, collate, temperature, lm_weight, micro_batch_size, count, no_sync)
+
+
+def _forward_all(
+    module: torch.nn.Module, step: StepBatch, collate: Callable[[Sequence[TrainingSequence]], Pass]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over all three lists: the summed LM loss, the query and the candidate embeddings."""
+    outputs = module([collate(part) for part in (step.supervision, step.queries, step.candidates) if part])
+    lm_sum = torch.stack([output.lm_sum for output in outputs]).sum()
+    return lm_sum, outputs[-2].embeddings, outputs[-1].embeddings
+
+
+def _contrastive(queries: torch.Tensor, candidates: torch.Tensor, step: StepBatch, temperature: float) -> Any:
+    negatives = candidates[step.positives :]
+    return info_nce(queries, candidates[: step.positives], negatives if negatives.shape[0] else None, temperature)
+
+
+def _cached_backward(
+    module: torch.nn.Module,
+    step: StepBatch,
+    collate: Callable[[Sequence[TrainingSequence]], Pass],
+    temperature: float,
+    lm_weight: float,
+    size: int,
+    count: torch.Tensor,
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> JointLoss:
+    """GradCache: the same gradient as ``_forward_all`` + backward, with at most ``size`` rows per graph."""
+    chunks = [(name, part[start : start + size]) for name, part in
+              (("supervision", step.supervision), ("queries", step.queries), ("candidates", step.candidates))
+              for start in range(0, len(part), size)]  # fmt: skip  # a candidates chunk is last: it syncs
+    states: list[_RandomState | None] = []
+    embeddings: dict[str, list[torch.Tensor]] = {"queries": [], "candidates": []}
+    with torch.no_grad():
+        for name, chunk in chunks:
+            states.append(_RandomState.capture() if name in embeddings else None)
+            if name in embeddings:  # the LM branch needs no first pass
+                embeddings[name].append(module([collate(chunk)])[0].embeddings)
+    after = _RandomState.capture()
+    queries = torch.cat(embeddings["queries"]).requires_grad_()
+    candidates = torch.cat(embeddings["candidates"]).requires_grad_()
+    contrastive = _contrastive(queries, candidates, step, temperature)
+    (world_size() * contrastive.loss).backward()
+    assert queries.grad is not None and candidates.grad is not None
+    grads = {"queries": queries.grad.split(size), "candidates": candidates.grad.split(size)}
+    seen = {"queries": 0, "candidates": 0}
+    lm_total = torch.zeros((), device=queries.device)
+    for number, ((name, chunk), state) in enumerate(zip(chunks, states)):
+        if state is not None:
+            state.restore()
+        with no_sync() if number < len(chunks) - 1 else contextlib.nullcontext():
+            output = module([collate(chunk)])[0]
+            surrogate = world_size() * lm_weight * output.lm_sum / count.clamp(min=1)
+            if name in grads:
+                surrogate = surrogate + (output.embeddings * grads[name][seen[name]]).sum()
+                seen[name] += 1
+            surrogate.backward()
+        lm_total = lm_total + output.lm_sum.detach()
+    after.restore()
+    return joint_loss(contrastive, lm_total / count.clamp(min=1), lm_weight)
+
+
+@dataclass
+class _RandomState:
+    """The RNG state a micro-batch's forward starts from, so its second forward draws the same dropout."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor] | None
+
+    @classmethod
+    def capture(cls) -> _RandomState:
+        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

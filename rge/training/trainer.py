@@ -1,0 +1,306 @@
+"""The training loop of ``rge train``: one process, or many under ``torchrun`` / ``accelerate launch`` (DDP).
+
+Each step: this process's share of a global batch (``batches.py``), the rationales the model generates
+for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
+the optimiser and scheduler steps, a log line, and every ``save_steps`` a resumable checkpoint. At the
+end the model (LoRA merged) is saved to the output folder as a checkpoint ``RGEEncoder`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..encoder import RGEEncoder
+from ..loading import choose_device, choose_dtype
+from .batches import DataPosition, epoch_plan, process_slice
+from .checkpoints import (
+    TrainingState,
+    export_model,
+    latest_checkpoint,
+    load_checkpoint_state,
+    save_checkpoint,
+    trainable,
+)
+from .collation import TrainingSequence, collate_training
+from .config import TrainingConfig
+from .data import TrainingExample, read_training_data
+from .distributed import init_from_environment, launched_world_size, local_rank, rank, world_size
+from .step import EmbeddingModule, Pass, StepBatch, backward_step, build_step_batch
+
+LOG_FILE = "log.jsonl"
+ERROR_FILE = "errors.jsonl"
+
+
+class TrainingSetupError(ValueError):
+    """The run cannot start as configured (output folder, resume, extras); nothing was trained."""
+
+
+def train(config: TrainingConfig, examples: Sequence[TrainingExample] | None = None) -> Path:
+    """Run ``config`` (reading its data files unless ``examples`` are given); returns the output folder."""
+    return Trainer(config, examples).train()
+
+
+class Trainer:
+    """One training run; ``train()`` does it all. Attributes are set up by ``train()``."""
+
+    def __init__(self, config: TrainingConfig, examples: Sequence[TrainingExample] | None = None) -> None:
+        self.config = config
+        self.examples = list(examples) if examples is not None else None
+        self.encoder: RGEEncoder | None = None
+
+    def train(self) -> Path:
+        config, output = self.config, self.config.output_dir
+        device = _process_device(config.device)
+        created = init_from_environment(device)
+        try:
+            resume_from = self._check_output(output)
+            examples = self._read_examples(output)
+            torch.manual_seed(config.seed)  # LoRA's initialisation
+            encoder, peft_model = self._load_model(device)
+            module = EmbeddingModule(encoder.model)
+            wrapped = _distributed(module, device)
+            optimizer = torch.optim.AdamW(trainable(module).values(), lr=config.learning_rate,
+                                          weight_decay=config.weight_decay)  # fmt: skip
+            steps_per_epoch = len(epoch_plan(examples, self._global_batch(), seed=config.seed, epoch=0))
+            total = config.max_steps or config.epochs * steps_per_epoch
+            scheduler = _scheduler(config, optimizer, total)
+            state = TrainingState(0, DataPosition(), self._settings())
+            if resume_from is not None:
+                state = self._resume(resume_from, module, optimizer, scheduler)
+            self._loop(encoder, module, wrapped, optimizer, scheduler, examples, state, total)
+            if rank() == 0:
+                if config.gradient_checkpointing:
+                    _checkpointing(encoder.model, enable=False)
+                export_model(peft_model or encoder.model, encoder.checkpoint.path, output)
+            return output
+        finally:
+            if created:
+                torch.distributed.destroy_process_group()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_output(self, output: Path) -> Path | None:
+        if output.exists() and not output.is_dir():
+            raise TrainingSetupError(f"output {str(output)!r} is a file; give a folder")
+        latest = latest_checkpoint(output) if output.is_dir() else None
+        if latest is not None and not self.config.resume:
+            raise TrainingSetupError(
+                f"{str(output)!r} holds {latest.name} from an earlier run: pass --resume to continue it, "
+                "or choose another output folder"
+            )
+        return latest
+
+    def _read_examples(self, output: Path) -> list[TrainingExample]:
+        if self.examples is not None:
+            return self.examples
+        errors = output / ERROR_FILE if rank() == 0 else None
+        return read_training_data(self.config.data, image_root=self.config.image_root, error_file=errors)
+
+    def _load_model(self, device: torch.device) -> tuple[RGEEncoder, Any]:
+        config = self.config
+        encoder = RGEEncoder.from_pretrained(
+            config.model, device=device, dtype=torch.float32, min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels, max_new_tokens=config.max_new_tokens,
+            repetition_penalty=config.repetition_penalty,
+        )  # fmt: skip
+        model, peft_model = encoder.model, None
+        if config.lora:
+            peft_model = _with_lora(model, config)
+        else:
+            model.requires_grad_(True)
+        if config.gradient_checkpointing:
+            _checkpointing(model, enable=True)
+        model.train()
+        self.encoder = encoder
+        return encoder, peft_model
+
+    def _global_batch(self) -> int:
+        return self.config.batch_size * world_size()
+
+    def _settings(self) -> dict[str, Any]:
+        return {**self.config.as_dict(), "world_size": world_size()}
+
+    def _resume(self, path: Path, module: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainingState:
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["settings"]
+        changes = self.config.plan_changes(saved)
+        if saved.get("world_size") != world_size():
+            changes["world_size"] = (saved.get("world_size"), world_size())
+        if changes:
+            described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+            raise TrainingSetupError(f"cannot resume {path}: these settings changed the data order ({described})")
+        return load_checkpoint_state(path, module, optimizer, scheduler)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(
+        self,
+        encoder: RGEEncoder,
+        module: EmbeddingModule,
+        wrapped: torch.nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        examples: list[TrainingExample],
+        state: TrainingState,
+        total: int,
+    ) -> None:
+        config, main = self.config, rank() == 0
+        collate = functools.partial(_collate, encoder)
+        no_sync = getattr(wrapped, "no_sync", contextlib.nullcontext)
+        parameters = list(trainable(module).values())
+        with _Log(config, main) as log, tqdm(total=total, initial=state.step, disable=not (main and config.progress),
+                                             desc="training", unit="step") as bar:  # fmt: skip
+            for position, batch in self._batches(examples, state.position, total - state.step):
+                started = time.perf_counter()
+                step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
+                                        max_negatives=config.max_negatives)  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(config, encoder.device):
+                    loss = backward_step(wrapped, step, collate, temperature=config.temperature,
+                                         lm_weight=config.lm_weight, micro_batch_size=config.micro_batch_size,
+                                         no_sync=no_sync)  # fmt: skip
+                norm = _clip(parameters, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                state = TrainingState(state.step + 1, position, state.settings)
+                values = loss.logged()
+                if main and (state.step % config.logging_steps == 0 or state.step == total):
+                    log.write(state, values, _step_facts(step, norm, scheduler, self._global_batch(), started))
+                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
+                bar.update(1)
+                if config.save_steps and state.step % config.save_steps == 0 and state.step < total:
+                    save_checkpoint(config.output_dir, module, optimizer, scheduler, state)
+
+    def _batches(
+        self, examples: list[TrainingExample], start: DataPosition, steps: int
+    ) -> Iterator[tuple[DataPosition, list[TrainingExample]]]:
+        """``steps`` batches of this process from ``start``; each with the position after it."""
+        epoch, number = start.epoch, start.batch
+        plan = epoch_plan(examples, self._global_batch(), seed=self.config.seed, epoch=epoch)
+        for _ in range(steps):
+            if number >= len(plan):
+                epoch, number = epoch + 1, 0
+                plan = epoch_plan(examples, self._global_batch(), seed=self.config.seed, epoch=epoch)
+            indices = process_slice(plan[number], rank(), world_size())
+            number += 1
+            yield DataPosition(epoch, number), [examples[index] for index in indices]
+
+
+def _collate(encoder: RGEEncoder, sequences: Sequence[TrainingSequence]) -> Pass:
+    checkpoint = encoder.checkpoint
+    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id, checkpoint.vision)
+    return batch.to(encoder.device, encoder.dtype), labels.to(encoder.device)
+
+
+def _process_device(device: str | None) -> torch.device:
+    resolved = choose_device(device)
+    if resolved.type == "cuda" and resolved.index is None and launched_world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return resolved
+
+
+def _distributed(module: EmbeddingModule, device: torch.device) -> torch.nn.Module:
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Text-only batches leave the vision tower unused; DDP must not wait for its gradients.
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def _with_lora(model: Any, config: TrainingConfig) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from .._about import DISTRIBUTION
+
+        raise TrainingSetupError(f"LoRA needs peft: pip install '{DISTRIBUTION}[train]'") from None
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), use_dora=config.dora,
+                      init_lora_weights="gaussian")  # fmt: skip
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise TrainingSetupError(f"LoRA: {error}") from None
+
+
+def _checkpointing(model: Any, *, enable: bool) -> None:
+    """Recompute activations in the backward (non-reentrant, which DDP needs); the name changed in 5.x."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _scheduler(config: TrainingConfig, optimizer: Any, total: int) -> Any:
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if config.scheduler == "constant" else config.scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total)
+
+
+def _autocast(config: TrainingConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA unless ``dtype`` says float32; float32 elsewhere."""
+    dtype = choose_dtype(config.dtype, device)
+    if device.type != "cuda" or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _clip(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    if max_norm is None:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+
+
+def _step_facts(step: StepBatch, norm: float | None, scheduler: Any, global_batch: int, started: float) -> dict:
+    seconds = time.perf_counter() - started
+    return {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": norm, "seconds": round(seconds, 4),
+            "samples_per_second": round(global_batch / seconds, 3),
+            "rationale_tokens": sum(map(len, step.generated)) / max(len(step.generated), 1)}  # fmt: skip
+
+
+class _Log:
+    """``log.jsonl`` (one line per logged step) and, when installed, TensorBoard, on the main process."""
+
+    def __init__(self, config: TrainingConfig, main: bool) -> None:
+        self.path = config.output_dir / LOG_FILE
+        self.main, self.tensorboard = main, config.tensorboard
+        self.writer: Any = None
+
+    def __enter__(self) -> _Log:
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.tensorboard:
+                with contextlib.suppress(ImportError):
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self
+
+    def write(self, state: TrainingState, values: dict[str, float], facts: dict[str, Any]) -> None:
+        record = {"step": state.step, "epoch": state.position.epoch, **values, **facts}
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{name}", value, state.step)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.writer is not None:
+            self.writer.close()
