@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rge`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("RGE_DEBUG", "") not in ("", "0")
-    run = {"demo": run_demo, "eval": run_mmeb, "encode": run_encode, "serve": run_serve, "train": run_train}[args.command]
+    commands = {"demo": run_demo, "eval": run_mmeb, "encode": run_encode, "serve": run_serve, "train": run_train}
+    run = commands[args.command]
     name = "rge " + args.command + (f" {args.benchmark}" if args.command == "eval" else "")
     try:
         with _transformers_quiet(not args.verbose):

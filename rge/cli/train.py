@@ -33,7 +33,9 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss")
     train.add_argument("--max-negatives", type=int, help="hard negatives per example (default: all the row has)")
     train.add_argument("--mix-tasks", action="store_true", help="batches mix tasks (default: one task per batch)")
-    train.add_argument("--lora", action="store_true", help=f"train a LoRA adapter (pip install '{DISTRIBUTION}[train]')")
+    train.add_argument(
+        "--lora", action="store_true", help=f"train a LoRA adapter (pip install '{DISTRIBUTION}[train]')"
+    )
     train.add_argument("--lora-r", type=positive_int, default=16)
     train.add_argument("--lora-alpha", type=positive_int, default=64)
     train.add_argument("--lora-dropout", type=float, default=0.1)

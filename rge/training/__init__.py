@@ -13,7 +13,7 @@ from .collation import TrainingSequence, candidate_sequence, collate_training, q
 from .config import TrainingConfig
 from .data import Side, TrainingDataError, TrainingExample, read_training_data
 from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
-from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch
+from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 from .trainer import Trainer, TrainingSetupError, train
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "backward_step",
     "build_step_batch",
     "candidate_sequence",
+    "collate_pass",
     "collate_training",
     "epoch_plan",
     "info_nce",

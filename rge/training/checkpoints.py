@@ -47,9 +47,7 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
 
 
-def save_checkpoint(
-    output: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainingState
-) -> Path:
+def save_checkpoint(output: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainingState) -> Path:
     """Write ``checkpoint-STEP`` (every process calls this: each writes its RNG states)."""
     final = checkpoint_dir(output, state.step)
     partial = final.with_name(final.name + ".partial")
@@ -64,8 +62,8 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     barrier()
     if rank() == 0:
-        atomic_write_json(partial / STATE_FILE, {"step": state.step, "epoch": state.position.epoch,
-                                                 "batch": state.position.batch, "settings": state.settings})  # fmt: skip
+        position = {"epoch": state.position.epoch, "batch": state.position.batch}
+        atomic_write_json(partial / STATE_FILE, {"step": state.step, **position, "settings": state.settings})
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     barrier()

@@ -136,6 +136,14 @@ def _prepare(encoder: RGEEncoder, side: Side, example: TrainingExample, *, reaso
         raise TrainingDataError(f"{example.source}: {str(error).removeprefix('item 0: ')}") from error
 
 
+def collate_pass(encoder: RGEEncoder, sequences: Sequence[TrainingSequence]) -> Pass:
+    """``sequences`` as one left-padded pass on the encoder's device (``functools.partial`` it for
+    ``backward_step``)."""
+    checkpoint = encoder.checkpoint
+    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id, checkpoint.vision)
+    return batch.to(encoder.device, encoder.dtype), labels.to(encoder.device)
+
+
 def backward_step(
     module: torch.nn.Module,
     step: StepBatch,

@@ -30,11 +30,10 @@ from .checkpoints import (
     save_checkpoint,
     trainable,
 )
-from .collation import TrainingSequence, collate_training
 from .config import TrainingConfig
 from .data import TrainingExample, read_training_data
 from .distributed import init_from_environment, launched_world_size, local_rank, rank, world_size
-from .step import EmbeddingModule, Pass, StepBatch, backward_step, build_step_batch
+from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 LOG_FILE = "log.jsonl"
 ERROR_FILE = "errors.jsonl"
@@ -153,7 +152,7 @@ class Trainer:
         total: int,
     ) -> None:
         config, main = self.config, rank() == 0
-        collate = functools.partial(_collate, encoder)
+        collate = functools.partial(collate_pass, encoder)
         no_sync = getattr(wrapped, "no_sync", contextlib.nullcontext)
         parameters = list(trainable(module).values())
         with _Log(config, main) as log, tqdm(total=total, initial=state.step, disable=not (main and config.progress),
@@ -192,12 +191,6 @@ class Trainer:
             indices = process_slice(plan[number], rank(), world_size())
             number += 1
             yield DataPosition(epoch, number), [examples[index] for index in indices]
-
-
-def _collate(encoder: RGEEncoder, sequences: Sequence[TrainingSequence]) -> Pass:
-    checkpoint = encoder.checkpoint
-    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id, checkpoint.vision)
-    return batch.to(encoder.device, encoder.dtype), labels.to(encoder.device)
 
 
 def _process_device(device: str | None) -> torch.device:

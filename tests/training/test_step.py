@@ -1,0 +1,89 @@
+"""A training step: the contrastive branch embeds the model's own rationale exactly as the query path does
+(never the supervision rationale), and cached gradients (GradCache) equal the one-pass gradient."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from rge import RGEEncoder
+from rge.testing import image_bytes, make_test_image
+from rge.training import EmbeddingModule, Side, TrainingExample, backward_step, build_step_batch, collate_pass
+
+from ..conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
+
+SUPERVISION = "zebra quokka zebra"
+
+
+def _examples() -> list[TrainingExample]:
+    picture = image_bytes(make_test_image(60, 40, seed=7))
+    return [
+        TrainingExample(Side("What is in the image?", picture), Side("a red square"), (Side("a blue circle"),),
+                        SUPERVISION, "t"),
+        TrainingExample(Side("cat"), Side("", image_bytes(make_test_image(30, 90, seed=8))), (), None, "t"),
+        TrainingExample(Side("Which animal is on the left side?"), Side("the dog"),
+                        (Side("the cow"), Side("", picture)), "the left one " + SUPERVISION, "t"),
+        TrainingExample(Side("dog and tiger"), Side("two animals"), (), "two " + SUPERVISION, "t"),
+    ]  # fmt: skip
+
+
+def test_contrastive_branch_embeds_the_self_generated_rationale_as_the_query_path_does(encoder):
+    examples = _examples()
+    step = build_step_batch(encoder, examples, max_new_tokens=BUDGET)
+    texts = [{"text": e.query.text, **({"image": e.query.image} if e.query.image else {})} for e in examples]
+    expected, rationales = encoder.encode(texts, reason=True, return_rationales=True, show_progress_bar=False)
+    prompts = encoder.prepare(texts, reason=True)
+    supervision_ids = set(encoder.checkpoint.tokenizer(SUPERVISION, add_special_tokens=False)["input_ids"])
+    for row, sequence in enumerate(step.queries):
+        assert sequence.item.input_ids == [*prompts[row].input_ids, *rationales.token_ids[row]]
+        assert sequence.labelled == 0
+        generated = sequence.item.input_ids[len(prompts[row].input_ids) :]
+        assert not supervision_ids <= set(generated)  # the supervision rationale is not what it embeds
+    with torch.no_grad():
+        (output,) = EmbeddingModule(encoder.model)([collate_pass(encoder, step.queries)])
+    got = torch.nn.functional.normalize(output.embeddings, dim=-1).numpy()
+    assert np.all(np.sum(got * expected, axis=1) >= 0.9999)
+    # The LM branch: the prompt, then the supervision rationale and <emb>, labelled; rows without one absent.
+    emb = encoder.checkpoint.emb_token_id
+    assert len(step.supervision) == 3
+    for sequence, row in zip(step.supervision, (0, 2, 3)):
+        rationale = encoder.checkpoint.tokenizer(examples[row].rationale, add_special_tokens=False)["input_ids"]
+        assert sequence.item.input_ids == [*prompts[row].input_ids, *rationale, emb]
+        assert sequence.labelled == len(rationale) + 1
+    # Candidates: the positives in query order, then the hard negatives; <emb> alone labelled.
+    assert len(step.candidates) == 4 + 3 and all(c.labelled == 1 for c in step.candidates)
+    assert step.candidates[4].item.input_ids == encoder.prepare(["a blue circle"], reason=False)[0].input_ids
+
+
+@pytest.fixture
+def trainable_encoder(tiny_path) -> RGEEncoder:
+    encoder = RGEEncoder.from_pretrained(tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    encoder.model.requires_grad_(True).train()
+    return encoder
+
+
+def _gradients(module, step, collate, **options):
+    module.zero_grad(set_to_none=True)
+    loss = backward_step(module, step, collate, temperature=0.05, lm_weight=0.7, **options)
+    grads = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    return loss.logged(), grads
+
+
+def test_cached_gradients_equal_the_one_pass_gradient(trainable_encoder):
+    encoder = trainable_encoder
+    step = build_step_batch(encoder, _examples(), max_new_tokens=BUDGET, max_negatives=1)
+    assert len(step.candidates) == 4 + 2  # max_negatives keeps the first of each row
+    module = EmbeddingModule(encoder.model)
+    collate = functools.partial(collate_pass, encoder)
+    whole_loss, whole = _gradients(module, step, collate)
+    cached_loss, cached = _gradients(module, step, collate, micro_batch_size=2)
+    assert cached_loss == pytest.approx(whole_loss, rel=1e-5)
+    assert whole.keys() == cached.keys()
+    assert any("visual" in name for name in whole)  # images reached the vision tower
+    for name, grad in whole.items():
+        scale = grad.abs().max().clamp(min=1e-8)
+        assert ((cached[name] - grad).abs().max() / scale) < 1e-4, name
+    assert whole_loss["lm"] > 0 and whole_loss["contrastive"] > 0
