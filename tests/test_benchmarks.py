@@ -26,3 +26,16 @@ def test_benchmark_suite_runs_and_variants_agree(tmp_path):
     assert len({row["workload"] for row in result["query"]}) == 3
     assert [row["variant"].split()[0] for row in result["candidates"]] == ["authors'", "rge"]
     assert all(0.0 <= row["padded_share"] < 1.0 for row in result["candidates"])
+
+
+def test_training_benchmark_runs_every_variant(tmp_path):
+    output = tmp_path / "train.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--sizes", "tiny", "--steps", "3", "--batch-size", "4",
+         "--max-new-tokens", "4", "--output", str(output)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    rows = json.loads(output.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["full", "full + GradCache (micro = batch / 4)",
+                                                "full + gradient checkpointing", "LoRA (DoRA r=16)"]  # fmt: skip
+    assert all(row["samples_per_second"] > 0 and 0 < row["generation_share"] < 1 for row in rows)

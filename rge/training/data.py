@@ -23,7 +23,7 @@ from typing import Any
 
 from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
 from ..eval.mmeb import load_rules, rewrite
-from ..prompts import MMEB_IMAGE_MARKER
+from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
@@ -205,6 +205,8 @@ def _rationale(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"'rationale' must be a string, got {type(value).__name__}")
+    if EMB_TOKEN in value:
+        raise ValueError(f"'rationale' contains {EMB_TOKEN}, which rge appends itself")
     return value
 
 

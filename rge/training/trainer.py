@@ -161,6 +161,7 @@ class Trainer:
                 started = time.perf_counter()
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                         max_negatives=config.max_negatives)  # fmt: skip
+                generated = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(config, encoder.device):
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
@@ -172,7 +173,9 @@ class Trainer:
                 state = TrainingState(state.step + 1, position, state.settings)
                 values = loss.logged()
                 if main and (state.step % config.logging_steps == 0 or state.step == total):
-                    log.write(state, values, _step_facts(step, norm, scheduler, self._global_batch(), started))
+                    log.write(
+                        state, values, _step_facts(step, norm, scheduler, self._global_batch(), started, generated)
+                    )
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
                 bar.update(1)
                 if config.save_steps and state.step % config.save_steps == 0 and state.step < total:
@@ -260,9 +263,12 @@ def _clip(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float
     return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
 
 
-def _step_facts(step: StepBatch, norm: float | None, scheduler: Any, global_batch: int, started: float) -> dict:
+def _step_facts(
+    step: StepBatch, norm: float | None, scheduler: Any, global_batch: int, started: float, generated: float
+) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     return {"learning_rate": scheduler.get_last_lr()[0], "grad_norm": norm, "seconds": round(seconds, 4),
+            "generation_seconds": round(generated - started, 4),
             "samples_per_second": round(global_batch / seconds, 3),
             "rationale_tokens": sum(map(len, step.generated)) / max(len(step.generated), 1)}  # fmt: skip
 

@@ -93,15 +93,16 @@ def test_bad_rows_go_to_the_error_file_with_their_line(tmp_path):
         {"query": "q", "positive": "p", "negatives": "not a list"},
         {"qry": "q", "pos_text": "p"},
         {"query": "q", "positive": 3},
+        {"query": "q", "positive": "p", "rationale": "so <emb>"},
     ])  # fmt: skip
     rows = read_training_data([data], error_file=tmp_path / "out" / "errors.jsonl")
     assert [row.query.text for row in rows] == ["fine"]
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
-    assert [error["line"] for error in errors] == [2, 3, 4, 5, 6, 7]
+    assert [error["line"] for error in errors] == [2, 3, 4, 5, 6, 7, 8]
     messages = [error["error"] for error in errors]
     assert "invalid JSON" in messages[0] and "'query'" in messages[1] and "missing.png" in messages[2]
     assert "'negatives' must be a list" in messages[3] and "qry_image_path" in messages[4]
-    assert "'positive' must be a string" in messages[5]
+    assert "'positive' must be a string" in messages[5] and "contains <emb>" in messages[6]
     with pytest.raises(TrainingDataError, match="no usable training rows"):
         read_training_data([_jsonl(tmp_path / "bad.jsonl", ["[]"])])
     with pytest.raises(TrainingDataError, match="does not exist"):
