@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -77,6 +77,8 @@ class StepBatch:
     supervision: list[TrainingSequence]
     generated: list[list[int]]
     """Each query's self-generated token ids (``<emb>`` included when emitted)."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """Examples left out of the step: (``file:line``, why)."""
 
     @property
     def positives(self) -> int:
@@ -90,27 +92,54 @@ def build_step_batch(
     max_new_tokens: int,
     max_negatives: int | None = None,
 ) -> StepBatch:
-    """Prompts for ``examples``, the rationales the model generates for them now, and the three lists."""
-    emb = encoder.checkpoint.emb_token_id
-    prompts = [_prepare(encoder, example.query, example, reason=True) for example in examples]
+    """Prompts for ``examples``, the rationales the model generates for them now, and the three lists.
+
+    An example that cannot be prepared (an unreadable image, a prompt over ``max_length``) is left out
+    of the step and listed in ``StepBatch.skipped``; TrainingDataError when none is left.
+    """
+    prepared, skipped = [], []
+    for example in examples:
+        try:
+            prepared.append(_prepare_example(encoder, example, max_negatives))
+        except TrainingDataError as error:
+            skipped.append((example.source, str(error)))
+    if not prepared:
+        raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0][1]}")
+    prompts = [example.query for example in prepared]
     generated = self_generated_rationales(encoder, prompts, max_new_tokens)
     queries = [
         unlabelled_sequence(TokenizedItem(row, [*prompt.input_ids, *tokens], prompt.image))
         for row, (prompt, tokens) in enumerate(zip(prompts, generated))
     ]
-    sides = [example.positive for example in examples]
-    sides += [negative for example in examples for negative in example.negatives[:max_negatives]]
-    owners = [*examples, *(example for example in examples for _ in example.negatives[:max_negatives])]
+    candidates = [example.positive for example in prepared]
+    candidates += [negative for example in prepared for negative in example.negatives]
+    supervision = [example.supervision for example in prepared if example.supervision is not None]
+    return StepBatch(queries, candidates, supervision, generated, skipped)
+
+
+@dataclass
+class _PreparedExample:
+    query: TokenizedItem
+    positive: TrainingSequence
+    negatives: list[TrainingSequence]
+    supervision: TrainingSequence | None
+
+
+def _prepare_example(encoder: RGEEncoder, example: TrainingExample, max_negatives: int | None) -> _PreparedExample:
+    emb = encoder.checkpoint.emb_token_id
+    query = _prepare(encoder, example.query, example, reason=True)
     candidates = [
-        candidate_sequence(_prepare(encoder, side, owner, reason=False), emb) for side, owner in zip(sides, owners)
+        candidate_sequence(_prepare(encoder, side, example, reason=False), emb)
+        for side in (example.positive, *example.negatives[:max_negatives])
     ]
-    tokenizer = encoder.checkpoint.tokenizer
-    supervision = [
-        query_sequence(prompt, tokenizer(example.rationale, add_special_tokens=False)["input_ids"], emb)
-        for prompt, example in zip(prompts, examples)
-        if example.rationale is not None
-    ]
-    return StepBatch(queries, candidates, supervision, generated)
+    supervision = None
+    if example.rationale is not None:
+        rationale = encoder.checkpoint.tokenizer(example.rationale, add_special_tokens=False)["input_ids"]
+        supervision = query_sequence(query, rationale, emb)
+        if len(supervision.item) > encoder.max_length:
+            raise TrainingDataError(f"{example.source}: prompt and rationale are {len(supervision.item)} tokens, "
+                                    f"over max_length={encoder.max_length}")  # fmt: skip
+    return _PreparedExample(query, candidates[0], candidates[1:], supervision)
 
 
 def self_generated_rationales(

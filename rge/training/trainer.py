@@ -162,6 +162,7 @@ class Trainer:
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                         max_negatives=config.max_negatives)  # fmt: skip
                 generated = time.perf_counter()
+                _report_skipped(config.output_dir / ERROR_FILE, step, state.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(config, encoder.device):
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
@@ -194,6 +195,17 @@ class Trainer:
             indices = process_slice(plan[number], rank(), world_size())
             number += 1
             yield DataPosition(epoch, number), [examples[index] for index in indices]
+
+
+def _report_skipped(path: Path, step: StepBatch, number: int) -> None:
+    """Rows left out of a step (found only when prepared: an unreadable image, a prompt over max_length)."""
+    if step.skipped:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            for source, error in step.skipped:
+                file, _, line = source.rpartition(":")
+                record = {"file": file, "line": int(line) if line.isdigit() else None, "error": error, "step": number}
+                handle.write(json.dumps(record) + "\n")
 
 
 def _process_device(device: str | None) -> torch.device:

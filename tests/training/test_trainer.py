@@ -168,3 +168,20 @@ def test_bad_set_ups_are_refused_before_training(tiny_path, synthetic_data, tmp_
     assert "batch_size: 8 -> 4" in capsys.readouterr().err
     assert main(["train", "--model", str(tmp_path), "--data", str(synthetic_data), "--output", str(tmp_path / "d"),
                  "--device", "cpu"]) == 4  # fmt: skip
+
+
+def test_a_row_that_fails_when_prepared_is_reported_and_training_goes_on(tiny_path, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # exists, so reading the data accepts it
+    rows = [{"query": f"question {n}", "positive": f"answer {n}"} for n in range(4)]
+    rows[1]["query_image"] = "broken.png"
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    config = TrainingConfig(model=str(tiny_path), data=[str(data)], output=str(output), max_steps=2, batch_size=4,
+                            max_new_tokens=2, progress=False, tensorboard=False)  # fmt: skip
+    train(config)
+    errors = [json.loads(line) for line in (output / "errors.jsonl").read_text().splitlines()]
+    assert {(error["line"], error["step"]) for error in errors} == {(2, 1), (2, 2)}  # in both steps' batch
+    assert all("broken.png" in error["error"] for error in errors)
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == [1, 2] and all(record["accuracy"] >= 0 for record in log)
