@@ -1,4 +1,5 @@
-"""The query path with transformers' DynamicCache against rge's preallocated SlotCache, on random models.
+"""The query path with transformers' DynamicCache against rge's preallocated SlotCache (and its fixed-shape
+steps, which CUDA replays as graphs), on random models.
 
     python benchmarks/kv_cache.py --sizes tiny small --repeats 3
 
@@ -18,7 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import ForcedDecoder, ForcedSlotDecoder, banned_ids, build_encoder, query_workload, stop_schedule  # noqa: E402
+from run import (  # noqa: E402
+    ForcedDecoder,
+    ForcedSlotDecoder,
+    ForcedStaticDecoder,
+    banned_ids,
+    build_encoder,
+    query_workload,
+    stop_schedule,
+)
 
 
 def timed_run(encoder, decoder_class, tokenized, schedule, batch_size: int, budget: int):
@@ -58,7 +67,12 @@ def main() -> None:
             schedule = stop_schedule(args.queries, args.budget, "varied")
             tokenized, _ = encoder._prepare(texts, images, reason=True, budget=args.budget)
             results = {}
-            for name, decoder_class in (("dynamic", ForcedDecoder), ("preallocated", ForcedSlotDecoder)):
+            variants = (
+                ("dynamic", ForcedDecoder),
+                ("preallocated", ForcedSlotDecoder),
+                ("static", ForcedStaticDecoder),
+            )
+            for name, decoder_class in variants:
                 timed_run(encoder, decoder_class, tokenized[:4], schedule, 4, args.budget)  # warm-up
                 runs = [timed_run(encoder, decoder_class, tokenized, schedule, args.batch_size, args.budget)
                         for _ in range(args.repeats)]  # fmt: skip

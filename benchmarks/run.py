@@ -34,7 +34,7 @@ from rge.engine.batching import ModelBatch  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
 from rge.engine.generation import GenerationSettings  # noqa: E402
 from rge.engine.pooling import gather_at_token  # noqa: E402
-from rge.engine.slot_decoder import SlotDecoder  # noqa: E402
+from rge.engine.slot_decoder import SlotDecoder, StaticSlotDecoder  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
@@ -153,9 +153,15 @@ class ForcedSlotDecoder(ForcedDecoder, SlotDecoder):
     """The forced schedule on the preallocated KV cache."""
 
 
+class ForcedStaticDecoder(ForcedDecoder, StaticSlotDecoder):
+    """The forced schedule with fixed-shape decode steps (CUDA graphs on CUDA)."""
+
+
 def forced_decoder_class(encoder: RGEEncoder) -> type[ForcedDecoder]:
     """The decoder ``encode_query`` would use on this device (preallocated cache on CUDA), with the schedule."""
     preallocated = encoder.kv_cache == "preallocated" or (encoder.kv_cache == "auto" and encoder.device.type == "cuda")
+    if encoder.kv_cache == "static":
+        return ForcedStaticDecoder
     return ForcedSlotDecoder if preallocated else ForcedDecoder
 
 

@@ -16,7 +16,7 @@ from .engine.candidates import embed_candidates
 from .engine.decoder import ReasoningDecoder
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
-from .engine.slot_decoder import SlotDecoder
+from .engine.slot_decoder import SlotDecoder, StaticSlotDecoder
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
 from .loading import (
@@ -30,7 +30,7 @@ from .loading import (
 from .prompts import EMB_TOKEN, resolve_prompt
 from .types import Embeddings, EncodeInput, ImageInput
 
-KV_CACHES = ("auto", "preallocated", "dynamic")
+KV_CACHES = ("auto", "preallocated", "static", "dynamic")
 
 
 class Rationales(list[str]):
@@ -66,8 +66,9 @@ class RGEEncoder:
             raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.checkpoint = checkpoint
         self.kv_cache = kv_cache
-        """The query path's KV cache: "preallocated" (``SlotCache``), "dynamic" (transformers' ``DynamicCache``)
-        or "auto" (preallocated on CUDA, dynamic elsewhere)."""
+        """The query path's KV cache: "preallocated" (``SlotCache``), "static" (``SlotCache`` with fixed-shape
+        decode steps, replayed as CUDA graphs on CUDA), "dynamic" (transformers' ``DynamicCache``) or "auto"
+        (preallocated on CUDA, dynamic elsewhere)."""
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.generation_settings: GenerationSettings = _settings(checkpoint.generation, repetition_penalty)
         """How queries choose rationale tokens: the checkpoint's generation config, as the authors'
@@ -106,7 +107,8 @@ class RGEEncoder:
         ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated);
         queries decode as the checkpoint's ``generation_config.json`` says (its repetition penalty;
         ``repetition_penalty=1.0`` gives plain greedy decoding); ``kv_cache``: the query path's cache,
-        preallocated on CUDA and transformers' dynamic one elsewhere (``"preallocated"`` / ``"dynamic"``).
+        preallocated on CUDA and transformers' dynamic one elsewhere (``"preallocated"`` / ``"dynamic"``;
+        ``"static"``: fixed-shape steps, replayed as CUDA graphs on CUDA).
         """
         resolved_device = choose_device(device)
         path = resolve_checkpoint(
@@ -328,7 +330,8 @@ class RGEEncoder:
         which is how ``rge serve`` shares one running batch among requests.
         """
         preallocated = self.kv_cache == "preallocated" or (self.kv_cache == "auto" and self.device.type == "cuda")
-        return (SlotDecoder if preallocated else ReasoningDecoder)(
+        decoder = StaticSlotDecoder if self.kv_cache == "static" else SlotDecoder if preallocated else ReasoningDecoder
+        return decoder(
             self.model,
             self._model_batch,
             self.checkpoint.emb_token_id,

@@ -9,6 +9,7 @@ import torch
 from rge import RGEEncoder, RGEInputError
 from rge.engine.kv_cache import SlotCache
 from rge.engine.slot_decoder import SlotDecoder
+from rge.engine.static_step import bucket_for
 
 from .conftest import BUDGET
 from .test_candidates import cosine
@@ -38,9 +39,11 @@ def moves(monkeypatch):
     return counter
 
 
+@pytest.mark.parametrize("kv_cache", ["preallocated", "static"])
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
 @pytest.mark.parametrize("admission", [True, False])
-def test_matches_the_authors_algorithm(preallocated, reference_queries, mixed_items, batch_size, admission, moves):
+def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, batch_size, admission, moves, kv_cache):
+    preallocated = RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache=kv_cache)
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     tokenized, _ = preallocated._prepare(texts, images, reason=True)
     embeddings, rationales = preallocated._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
@@ -113,3 +116,26 @@ def test_out_of_memory_retries_give_the_same_result(preallocated, mixed_items, m
     got, rationales = preallocated.encode_query(texts, images=images, batch_size=8, return_rationales=True)
     assert faults and rationales.token_ids == expected_rationales.token_ids
     assert min(cosine(a, b) for a, b in zip(got, expected)) >= 0.9999
+
+
+def test_static_steps_have_bucketed_rows_and_the_whole_capacity(encoder, mixed_items, monkeypatch):
+    """Fixed shapes are what a CUDA graph needs: rows padded to a bucket, attention over every column."""
+    static = RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache="static")
+    language_model = static.model.model.language_model
+    shapes, original = [], language_model.forward
+
+    def recorded(*args, **kwargs):
+        cache, ids = kwargs["past_key_values"], kwargs.get("input_ids")
+        if ids is not None and cache.static_rows is not None:  # a decode step (prefill passes embeddings)
+            shapes.append((ids.shape[0], kwargs["attention_mask"].shape, cache.capacity, cache.rows))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(language_model, "forward", recorded)
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    static.encode_query(texts, images=images, batch_size=6, show_progress_bar=False)
+    assert shapes
+    for bucket, mask_shape, capacity, rows in shapes:
+        assert bucket == min(bucket_for(rows, 6), 6) and bucket >= rows
+        assert mask_shape == (bucket, 1, 1, capacity)
+    assert any(bucket > rows for bucket, _, _, rows in shapes)  # some steps ran padded rows
+    assert [bucket_for(n, 64) for n in (1, 3, 5, 17, 33, 50, 64)] == [1, 4, 8, 32, 48, 64, 64]

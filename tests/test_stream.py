@@ -18,7 +18,7 @@ def reference_queries(reference, mixed_items):
     return [reference.query(text, image, max_new_tokens=BUDGET) for text, image in mixed_items]
 
 
-@pytest.fixture(params=["dynamic", "preallocated"])
+@pytest.fixture(params=["dynamic", "preallocated", "static"])
 def cached_encoder(request, encoder):
     return RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache=request.param)
 
@@ -51,7 +51,7 @@ def test_queries_arriving_at_any_step_match_the_authors_algorithm(cached_encoder
     for index, (expected, tokens) in enumerate(reference_queries):
         assert results[f"q{index}"].token_ids == tokens, index
         assert cosine(results[f"q{index}"].embedding, expected) >= 0.9999, index
-    if cached_encoder.kv_cache == "preallocated":
+    if cached_encoder.kv_cache != "dynamic":
         assert any(grown)  # a longer newcomer made the preallocated buffers grow
 
 

@@ -37,6 +37,11 @@ class _SlotLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         cache, width = self.cache, key_states.shape[-2]
+        if cache.static_rows is not None:  # a fixed-shape decode step (static_step.py): no Python ints
+            rows = cache.static_rows
+            cache.keys[self.index, :rows].index_copy_(2, cache.write_at, key_states)
+            cache.values[self.index, :rows].index_copy_(2, cache.write_at, value_states)
+            return cache.keys[self.index, :rows], cache.values[self.index, :rows]
         rows, end = cache.rows, cache.end
         cache.keys[self.index, :rows, :, end : end + width] = key_states
         cache.values[self.index, :rows, :, end : end + width] = value_states
@@ -63,6 +68,9 @@ class SlotCache(Cache):
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.mask = torch.zeros((slots, capacity), dtype=torch.long, device=device)
         self.rows = self.start = self.end = 0
+        self.static_rows: int | None = None
+        """Set during a fixed-shape decode step: its row count; writes go to column ``write_at``."""
+        self.write_at = torch.zeros(1, dtype=torch.long, device=device)
 
     @property
     def capacity(self) -> int:

@@ -8,13 +8,16 @@ retries) is ``ReasoningDecoder``'s.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from .decoder import ReasoningDecoder
 from .kv_cache import SlotCache
 from .rows import Running
+from .static_step import StaticDecodeStep
 
 
 class SlotDecoder(ReasoningDecoder):
@@ -54,3 +57,22 @@ class SlotDecoder(ReasoningDecoder):
         running.attention_mask = cache.used_mask
         running.take_rows(order)
         return order
+
+
+class StaticSlotDecoder(SlotDecoder):
+    """``SlotDecoder`` whose decode steps have fixed shapes (``static_step.py``): CUDA graphs on CUDA,
+    the same steps run eagerly elsewhere."""
+
+    def __init__(self, *args: Any, graphs: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.graphs = graphs
+        self._steps: weakref.WeakKeyDictionary[SlotCache, StaticDecodeStep] = weakref.WeakKeyDictionary()
+
+    def _decode_forward(self, running: Running) -> torch.Tensor:
+        cache = running.cache
+        step = self._steps.get(cache)
+        if step is None:
+            step = self._steps[cache] = StaticDecodeStep(self.model, cache, graphs=self.graphs)
+        hidden = step(running.next_tokens, running.next_positions)
+        running.attention_mask = cache.used_mask
+        return hidden
