@@ -9,7 +9,15 @@ from typing import Any
 
 from .._about import DISTRIBUTION
 from .errors import EXIT_OK, CLIError, model_error
-from .options import add_model_options, check_device, check_dtype, positive_float, positive_int
+from .options import (
+    add_model_options,
+    check_device,
+    check_dtype,
+    check_input_folder,
+    check_output_folder,
+    positive_float,
+    positive_int,
+)
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -54,14 +62,12 @@ def training_config(args: argparse.Namespace) -> Any:
 
     check_device(args.device)
     check_dtype(args.dtype)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise CLIError(f"--output {str(output)!r} is a file; give a folder (it is created if missing)")
+    check_output_folder(Path(args.output))
     for path in args.data:
         if not Path(path).is_file():
             raise CLIError(f"--data {path!r} does not exist")
-    if args.image_root and not Path(args.image_root).is_dir():
-        raise CLIError(f"--image-root {args.image_root!r} is not a folder")
+    if args.image_root:
+        check_input_folder(Path(args.image_root), "--image-root")
     extra = {"lora_target_modules": args.lora_target_modules} if args.lora_target_modules else {}
     try:
         return TrainingConfig(

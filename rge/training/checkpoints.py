@@ -70,9 +70,14 @@ def save_checkpoint(output: Path, model: torch.nn.Module, optimizer: Any, schedu
     return final
 
 
-def load_checkpoint_state(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainingState:
-    """Restore what ``save_checkpoint`` wrote into ``model``, ``optimizer``, ``scheduler`` and the RNGs."""
+def read_state(path: Path) -> TrainingState:
+    """A checkpoint's step, data position and the settings it was written with."""
     saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return TrainingState(saved["step"], DataPosition(saved["epoch"], saved["batch"]), saved["settings"])
+
+
+def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Put what ``save_checkpoint`` wrote back into ``model``, ``optimizer``, ``scheduler`` and the RNGs."""
     weights = load_file(path / WEIGHTS_FILE)
     parameters = trainable(model)
     if set(weights) != set(parameters):
@@ -88,7 +93,6 @@ def load_checkpoint_state(path: Path, model: torch.nn.Module, optimizer: Any, sc
     if not rng_file.is_file():
         raise ValueError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
     _restore_rng(torch.load(rng_file, weights_only=False))
-    return TrainingState(saved["step"], DataPosition(saved["epoch"], saved["batch"]), saved["settings"])
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

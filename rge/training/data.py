@@ -46,16 +46,25 @@ class TrainingExample:
     rationale: str | None = None
     """Supervises the LM loss only; None adds no LM loss on this query's side."""
     task: str = ""
-    source: str = ""
-    """Where the row is (``file:line``), for error messages."""
+    file: str = ""
+    line: int = 0
+    """Where the row is, for error messages and the error file."""
     exif_transpose: bool = True
+
+    @property
+    def source(self) -> str:
+        """``file:line``, how messages name the row."""
+        return f"{self.file}:{self.line}"
 
 
 @dataclass(frozen=True)
 class BadRow:
+    """A row that cannot be used, for the error file (``step``: when it failed in a training step)."""
+
     file: str
     line: int
     error: str
+    step: int | None = None
 
 
 class TrainingDataError(ValueError):
@@ -80,29 +89,31 @@ def read_training_data(
         root = Path(image_root) if image_root is not None else path.parent
         for line, record in _records(path):
             try:
-                examples.append(parse_row(record, root, default_task=_subset_of(path), source=f"{path}:{line}"))
+                examples.append(parse_row(record, root, default_task=_subset_of(path), file=str(path), line=line))
             except (ValueError, TypeError) as error:
                 bad.append(BadRow(str(path), line, str(error)))
     if error_file is not None:
-        _write_bad_rows(Path(error_file), bad)
+        write_bad_rows(Path(error_file), bad)
     if not examples:
         where = f" ({len(bad)} bad rows{f', see {error_file}' if error_file else ''})" if bad else ""
         raise TrainingDataError(f"no usable training rows in {', '.join(map(str, paths))}{where}")
     return examples
 
 
-def parse_row(record: Any, image_root: Path, *, default_task: str = "", source: str = "") -> TrainingExample:
+def parse_row(
+    record: Any, image_root: Path, *, default_task: str = "", file: str = "", line: int = 0
+) -> TrainingExample:
     """One row in either layout -> a TrainingExample; ValueError/TypeError naming the problem."""
     if isinstance(record, json.JSONDecodeError):
         raise ValueError(f"invalid JSON: {record.msg}")
     if not isinstance(record, dict):
         raise TypeError(f"expected an object, got {type(record).__name__}")
     if "qry" in record:
-        return _mmeb_row(record, image_root, default_task, source)
-    return _rge_row(record, image_root, default_task, source)
+        return _mmeb_row(record, image_root, default_task, file, line)
+    return _rge_row(record, image_root, default_task, file, line)
 
 
-def _rge_row(record: dict[str, Any], root: Path, default_task: str, source: str) -> TrainingExample:
+def _rge_row(record: dict[str, Any], root: Path, default_task: str, file: str, line: int) -> TrainingExample:
     query = Side(_text(record, "query", required=True), _image(record.get("query_image"), root, "query_image"))
     positive = Side(
         _text(record, "positive", required=record.get("positive_image") is None),
@@ -119,7 +130,8 @@ def _rge_row(record: dict[str, Any], root: Path, default_task: str, source: str)
         negatives=tuple(_negative(entry, root, number) for number, entry in enumerate(negatives)),
         rationale=_rationale(record.get("rationale")),
         task=str(record.get("task") or default_task),
-        source=source,
+        file=file,
+        line=line,
     )
 
 
@@ -134,7 +146,7 @@ def _negative(entry: Any, root: Path, number: int) -> Side:
     raise TypeError(f"negatives[{number}] must be a text or an object with 'text' and/or 'image'")
 
 
-def _mmeb_row(record: dict[str, Any], root: Path, default_task: str, source: str) -> TrainingExample:
+def _mmeb_row(record: dict[str, Any], root: Path, default_task: str, file: str, line: int) -> TrainingExample:
     missing = [column for column in MMEB_COLUMNS if column not in record]
     if missing:
         raise ValueError(f"MMEB-train row without {missing}")
@@ -149,8 +161,8 @@ def _mmeb_row(record: dict[str, Any], root: Path, default_task: str, source: str
         _mmeb_side(rewrite(text, candidate_rules), path, root)
         for text, path in zip(texts or [""] * len(paths), paths or [""] * len(texts))
     ]
-    return TrainingExample(query, positive, tuple(negatives), _rationale(record.get("rationale")), subset, source,
-                           exif_transpose=False)  # fmt: skip
+    rationale = _rationale(record.get("rationale"))
+    return TrainingExample(query, positive, tuple(negatives), rationale, subset, file, line, exif_transpose=False)
 
 
 def _mmeb_side(text: str, image_path: Any, root: Path) -> Side:
@@ -221,8 +233,10 @@ def _subset_of(path: Path) -> str:
     return path.stem
 
 
-def _write_bad_rows(path: Path, bad: list[BadRow]) -> None:
+def write_bad_rows(path: Path, bad: Sequence[BadRow], *, append: bool = False) -> None:
+    """``bad`` as JSONL lines (file, line, error, and step when there is one); a fresh file unless ``append``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open("a" if append else "w", encoding="utf-8") as handle:
         for row in bad:
-            handle.write(json.dumps({"file": row.file, "line": row.line, "error": row.error}) + "\n")
+            record = {"file": row.file, "line": row.line, "error": row.error}
+            handle.write(json.dumps(record if row.step is None else {**record, "step": row.step}) + "\n")

@@ -29,7 +29,7 @@ from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
 from ..engine.forward import build_position_ids, forward_prompts
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
-from .data import Side, TrainingDataError, TrainingExample
+from .data import BadRow, Side, TrainingDataError, TrainingExample
 from .distributed import world_size
 from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, global_count, info_nce, joint_loss
 
@@ -77,8 +77,8 @@ class StepBatch:
     supervision: list[TrainingSequence]
     generated: list[list[int]]
     """Each query's self-generated token ids (``<emb>`` included when emitted)."""
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    """Examples left out of the step: (``file:line``, why)."""
+    skipped: list[BadRow] = field(default_factory=list)
+    """Examples left out of the step, and why."""
 
     @property
     def positives(self) -> int:
@@ -102,9 +102,9 @@ def build_step_batch(
         try:
             prepared.append(_prepare_example(encoder, example, max_negatives))
         except TrainingDataError as error:
-            skipped.append((example.source, str(error)))
+            skipped.append(BadRow(example.file, example.line, str(error)))
     if not prepared:
-        raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0][1]}")
+        raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0].error}")
     prompts = [example.query for example in prepared]
     generated = self_generated_rationales(encoder, prompts, max_new_tokens)
     queries = [
@@ -226,13 +226,13 @@ def _cached_backward(
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]],
 ) -> JointLoss:
     """GradCache: the same gradient as ``_forward_all`` + backward, with at most ``size`` rows per graph."""
-    chunks = [(name, part[start : start + size]) for name, part in
+    chunks = [(name, start // size, part[start : start + size]) for name, part in
               (("supervision", step.supervision), ("queries", step.queries), ("candidates", step.candidates))
               for start in range(0, len(part), size)]  # fmt: skip  # a candidates chunk is last: it syncs
     states: list[_RandomState | None] = []
     embeddings: dict[str, list[torch.Tensor]] = {"queries": [], "candidates": []}
     with torch.no_grad():
-        for name, chunk in chunks:
+        for name, _, chunk in chunks:
             states.append(_RandomState.capture() if name in embeddings else None)
             if name in embeddings:  # the LM branch needs no first pass
                 embeddings[name].append(module([collate(chunk)])[0].embeddings)
@@ -243,17 +243,15 @@ def _cached_backward(
     (world_size() * contrastive.loss).backward()
     assert queries.grad is not None and candidates.grad is not None
     grads = {"queries": queries.grad.split(size), "candidates": candidates.grad.split(size)}
-    seen = {"queries": 0, "candidates": 0}
     lm_total = torch.zeros((), device=queries.device)
-    for number, ((name, chunk), state) in enumerate(zip(chunks, states)):
+    for number, ((name, part, chunk), state) in enumerate(zip(chunks, states)):
         if state is not None:
             state.restore()
         with no_sync() if number < len(chunks) - 1 else contextlib.nullcontext():
             output = module([collate(chunk)])[0]
             surrogate = world_size() * lm_weight * output.lm_sum / count.clamp(min=1)
             if name in grads:
-                surrogate = surrogate + (output.embeddings * grads[name][seen[name]]).sum()
-                seen[name] += 1
+                surrogate = surrogate + (output.embeddings * grads[name][part]).sum()
             surrogate.backward()
         lm_total = lm_total + output.lm_sum.detach()
     after.restore()

@@ -13,6 +13,7 @@ import functools
 import json
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,13 @@ from .checkpoints import (
     TrainingState,
     export_model,
     latest_checkpoint,
-    load_checkpoint_state,
+    read_state,
+    restore_checkpoint,
     save_checkpoint,
     trainable,
 )
 from .config import TrainingConfig
-from .data import TrainingExample, read_training_data
+from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import init_from_environment, launched_world_size, local_rank, rank, world_size
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
@@ -129,14 +131,15 @@ class Trainer:
         return {**self.config.as_dict(), "world_size": world_size()}
 
     def _resume(self, path: Path, module: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainingState:
-        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))["settings"]
-        changes = self.config.plan_changes(saved)
-        if saved.get("world_size") != world_size():
-            changes["world_size"] = (saved.get("world_size"), world_size())
+        saved = read_state(path)
+        changes = self.config.plan_changes(saved.settings)
+        if saved.settings.get("world_size") != world_size():
+            changes["world_size"] = (saved.settings.get("world_size"), world_size())
         if changes:
             described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
             raise TrainingSetupError(f"cannot resume {path}: these settings changed the data order ({described})")
-        return load_checkpoint_state(path, module, optimizer, scheduler)
+        restore_checkpoint(path, module, optimizer, scheduler)
+        return TrainingState(saved.step, saved.position, self._settings())  # later checkpoints record today's
 
     # ------------------------------------------------------------------ the loop
 
@@ -162,7 +165,9 @@ class Trainer:
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                         max_negatives=config.max_negatives)  # fmt: skip
                 generated = time.perf_counter()
-                _report_skipped(config.output_dir / ERROR_FILE, step, state.step + 1)
+                if step.skipped:  # rows that failed only when prepared (an unreadable image, a long prompt)
+                    skipped = [replace(row, step=state.step + 1) for row in step.skipped]
+                    write_bad_rows(config.output_dir / ERROR_FILE, skipped, append=True)
                 optimizer.zero_grad(set_to_none=True)
                 with _autocast(config, encoder.device):
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
@@ -195,17 +200,6 @@ class Trainer:
             indices = process_slice(plan[number], rank(), world_size())
             number += 1
             yield DataPosition(epoch, number), [examples[index] for index in indices]
-
-
-def _report_skipped(path: Path, step: StepBatch, number: int) -> None:
-    """Rows left out of a step (found only when prepared: an unreadable image, a prompt over max_length)."""
-    if step.skipped:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as handle:
-            for source, error in step.skipped:
-                file, _, line = source.rpartition(":")
-                record = {"file": file, "line": int(line) if line.isdigit() else None, "error": error, "step": number}
-                handle.write(json.dumps(record) + "\n")
 
 
 def _process_device(device: str | None) -> torch.device:

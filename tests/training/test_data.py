@@ -31,7 +31,7 @@ def test_rge_layout_rows_with_images_negatives_and_rationales(tmp_path):
     image = str(tmp_path / "cat.png")
     assert first == TrainingExample(Side("what animal?", image), Side("a cat"),
                                     (Side("a dog"), Side("", image), Side("a cow", image)), "It is a cat.", "pets",
-                                    f"{data}:1")  # fmt: skip
+                                    str(data), 1)  # fmt: skip
     assert second.positive == Side("", image) and second.rationale is None and second.negatives == ()
     assert second.task == "pets"  # no task column: the file's name
     assert second.exif_transpose
