@@ -71,7 +71,7 @@ class Trainer:
             wrapped = _distributed(module, device)
             optimizer = torch.optim.AdamW(trainable(module).values(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)  # fmt: skip
-            steps_per_epoch = len(epoch_plan(examples, self._global_batch(), seed=config.seed, epoch=0))
+            steps_per_epoch = len(self._plan(examples, epoch=0))
             total = config.max_steps or config.epochs * steps_per_epoch
             scheduler = _scheduler(config, optimizer, total)
             state = TrainingState(0, DataPosition(), self._settings())
@@ -123,6 +123,10 @@ class Trainer:
         model.train()
         self.encoder = encoder
         return encoder, peft_model
+
+    def _plan(self, examples: list[TrainingExample], epoch: int) -> list[list[int]]:
+        config = self.config
+        return epoch_plan(examples, self._global_batch(), seed=config.seed, epoch=epoch, mix_tasks=config.mix_tasks)
 
     def _global_batch(self) -> int:
         return self.config.batch_size * world_size()
@@ -192,11 +196,11 @@ class Trainer:
     ) -> Iterator[tuple[DataPosition, list[TrainingExample]]]:
         """``steps`` batches of this process from ``start``; each with the position after it."""
         epoch, number = start.epoch, start.batch
-        plan = epoch_plan(examples, self._global_batch(), seed=self.config.seed, epoch=epoch)
+        plan = self._plan(examples, epoch)
         for _ in range(steps):
             if number >= len(plan):
                 epoch, number = epoch + 1, 0
-                plan = epoch_plan(examples, self._global_batch(), seed=self.config.seed, epoch=epoch)
+                plan = self._plan(examples, epoch)
             indices = process_slice(plan[number], rank(), world_size())
             number += 1
             yield DataPosition(epoch, number), [examples[index] for index in indices]

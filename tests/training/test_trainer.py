@@ -185,3 +185,21 @@ def test_a_row_that_fails_when_prepared_is_reported_and_training_goes_on(tiny_pa
     assert all("broken.png" in error["error"] for error in errors)
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
     assert [record["step"] for record in log] == [1, 2] and all(record["accuracy"] >= 0 for record in log)
+
+
+@pytest.mark.parametrize("mix_tasks", [False, True])
+def test_the_run_batches_by_task_unless_told_to_mix(tiny_path, tmp_path, monkeypatch, mix_tasks):
+    import rge.training.trainer as trainer
+
+    rows = [{"query": f"q {task} {n}", "positive": f"p {n}", "task": task} for task in "ab" for n in range(8)]
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    batches, real = [], trainer.build_step_batch
+    monkeypatch.setattr(trainer, "build_step_batch", lambda e, batch, **k: batches.append(batch) or real(e, batch, **k))
+    config = TrainingConfig(model=str(tiny_path), data=[str(data)], output=str(tmp_path / "out"), max_steps=4,
+                            batch_size=8, max_new_tokens=2, mix_tasks=mix_tasks, progress=False,
+                            tensorboard=False)  # fmt: skip
+    train(config)
+    task_counts = [len({example.task for example in batch}) for batch in batches]
+    assert len(batches) == 4
+    assert (max(task_counts) > 1) == mix_tasks
