@@ -54,23 +54,17 @@ def info_nce(
     return ContrastiveOutput(loss, accuracy.detach())
 
 
-def language_model_loss(
-    logits: torch.Tensor, labels: torch.Tensor, total_labelled: torch.Tensor | int | None = None
-) -> torch.Tensor:
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """This process's share of the mean next-token cross-entropy over all processes' labelled tokens.
 
     ``logits`` (B, T, V) predict the token after each position; ``labels`` (B, T) hold the token ids to
     learn at their own positions and ``IGNORE_INDEX`` elsewhere (they are shifted here). Summed over
     processes, the shares give the mean over every labelled token of the global batch. 0 when none.
-    ``total_labelled``: the global count to divide by, when this call sees only part of the batch
-    (see ``global_count``).
     """
     predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     targets = labels[:, 1:].reshape(-1)
     total = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if total_labelled is None:
-        total_labelled = global_count(int((targets != IGNORE_INDEX).sum()), total.device)
-    return total / torch.as_tensor(total_labelled, device=total.device).clamp(min=1)
+    return total / global_count(int((targets != IGNORE_INDEX).sum()), total.device).clamp(min=1)
 
 
 def global_count(local: int, device: torch.device | None = None) -> torch.Tensor:

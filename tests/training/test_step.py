@@ -10,8 +10,18 @@ import pytest
 import torch
 
 from rge import RGEEncoder
+from rge.engine.forward import build_position_ids, forward_prompts
 from rge.testing import image_bytes, make_test_image
-from rge.training import EmbeddingModule, Side, TrainingExample, backward_step, build_step_batch, collate_pass
+from rge.training import (
+    IGNORE_INDEX,
+    EmbeddingModule,
+    Side,
+    TrainingExample,
+    backward_step,
+    build_step_batch,
+    collate_pass,
+    language_model_loss,
+)
 
 from ..conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
 
@@ -87,3 +97,17 @@ def test_cached_gradients_equal_the_one_pass_gradient(trainable_encoder):
         scale = grad.abs().max().clamp(min=1e-8)
         assert ((cached[name] - grad).abs().max() / scale) < 1e-4, name
     assert whole_loss["lm"] > 0 and whole_loss["contrastive"] > 0
+
+
+def test_the_passes_lm_sum_is_the_language_model_loss_over_full_logits(encoder):
+    """The module computes logits only where labels are; the result is the loss over every position."""
+    step = build_step_batch(encoder, _examples(), max_new_tokens=BUDGET)
+    batch, labels = collate_pass(encoder, step.supervision + step.candidates)
+    with torch.no_grad():
+        (output,) = EmbeddingModule(encoder.model)([(batch, labels)])
+        hidden = forward_prompts(encoder.model, batch, build_position_ids(encoder.model, batch))
+        expected = language_model_loss(encoder.model.lm_head(hidden), labels)
+    labelled = sum(sequence.labelled for sequence in step.supervision + step.candidates)
+    assert labelled == int((labels[:, 1:] != IGNORE_INDEX).sum()) > len(step.candidates)
+    assert output.lm_sum.item() == pytest.approx(expected.item() * labelled, rel=1e-5)
+    assert torch.allclose(output.embeddings, hidden[:, -1].float())
