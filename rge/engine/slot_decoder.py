@@ -63,16 +63,15 @@ class StaticSlotDecoder(SlotDecoder):
     """``SlotDecoder`` whose decode steps have fixed shapes (``static_step.py``): CUDA graphs on CUDA,
     the same steps run eagerly elsewhere."""
 
-    def __init__(self, *args: Any, graphs: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.graphs = graphs
         self._steps: weakref.WeakKeyDictionary[SlotCache, StaticDecodeStep] = weakref.WeakKeyDictionary()
 
     def _decode_forward(self, running: Running) -> torch.Tensor:
         cache = running.cache
         step = self._steps.get(cache)
         if step is None:
-            step = self._steps[cache] = StaticDecodeStep(self.model, cache, graphs=self.graphs)
+            step = self._steps[cache] = StaticDecodeStep(self.model, cache, graphs=True)
         hidden = step(running.next_tokens, running.next_positions)
         running.attention_mask = cache.used_mask
         return hidden
