@@ -98,10 +98,12 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return loss.logged(), grads
 
 
-def _worker(rank: int, port: int, output: str) -> None:
+def _worker(rank: int, port: int, output: str, negatives_of_rank_0: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         shard = {key: value[2 * rank : 2 * rank + 2] for key, value in _batch().items()}
+        split = negatives_of_rank_0  # hard negatives vary by example, so processes may hold different counts
+        shard["negatives"] = _batch()["negatives"][:split] if rank == 0 else _batch()["negatives"][split:]
         logged, grads = _loss_and_grads(_model(), shard)
         with open(os.path.join(output, f"rank{rank}.json"), "w") as handle:
             json.dump({"logged": logged, "grads": grads}, handle)
@@ -109,11 +111,12 @@ def _worker(rank: int, port: int, output: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("negatives_of_rank_0", [2, 3])
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, negatives_of_rank_0):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, str(tmp_path), negatives_of_rank_0), nprocs=2, join=True)
     single_logged, single_grads = _loss_and_grads(_model(), _batch())
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
