@@ -2,26 +2,32 @@
 
 A graph replays the same kernels on the same addresses, so everything a decode step reads must be a
 tensor that stays in place and keeps its shape: the running rows are padded to a bucket size (1, 2, 4,
-8, 16, 32, 48, 64, 96, 128, ...), the step attends over the cache's whole capacity with a 4-D mask read
-from the cache's mask buffer (unused columns masked), the new keys and values are written at a column
-held in a tensor (``SlotCache.write_at``), and the token ids and positions come from buffers filled
-before the step. Padded rows attend to their own new column only and their outputs are dropped.
+8, 16, 32, 48, 64, 96, 128, ...), the step attends over the cache's whole capacity within each row's
+window of columns (``decode_attention.py``: flash-attention's KV-cache kernel or sdpa), the new keys
+and values are written at a column held in a tensor (``SlotCache.write_at``), and the token ids and
+positions come from buffers filled before the step. Padded rows attend to their own new column only and
+their outputs are dropped.
 
 The step runs eagerly everywhere (the reference, and what CPU tests check token for token); on CUDA each
-(bucket, capacity) is captured once as a CUDA graph, after a warm-up on a side stream, and replayed. If
-a capture fails, a warning says so and the step stays eager.
+(bucket, capacity) is captured once as a CUDA graph, after a warm-up on a side stream. The first replay
+of each graph at a later step is checked against the eager step on the same inputs; if a capture fails
+or a replay disagrees, a warning says so and the step stays eager.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .decode_attention import DecodeWindow, decode_attention, uses_flash_kernel
 from .kv_cache import SlotCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+REPLAY_TOLERANCE = 2e-2
+"""Largest |replayed - eager| / (1 + |eager|) accepted when a graph's first replay is checked."""
 
 
 def bucket_for(rows: int, slots: int) -> int:
@@ -38,8 +44,10 @@ class StaticDecodeStep:
         slots, device = cache.mask.shape[0], cache.mask.device
         self.token_ids = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((4, slots, 1), dtype=torch.long, device=device)
+        self.flash = uses_flash_kernel(self.language_model, device, cache.keys.dtype)
         self.graphs = graphs and device.type == "cuda"
-        self._captured: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._captured: dict[tuple[int, int, int], tuple[Callable[[], None], torch.Tensor]] = {}
+        self._verified: set[tuple[int, int, int]] = set()
         self._pool: Any = None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -62,34 +70,53 @@ class StaticDecodeStep:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         cache = self.cache
-        mask = cache.mask[:bucket].bool()[:, None, None, :]
+        window = DecodeWindow.from_mask(cache.mask[:bucket], cache.write_at, self.flash)
         cache.static_rows = bucket
         try:
-            outputs = self.language_model(
-                input_ids=self.token_ids[:bucket],
-                attention_mask=mask,
-                position_ids=self.positions[:, :bucket],
-                past_key_values=cache,
-                use_cache=True,
-            )
+            with decode_attention(self.language_model):
+                outputs = self.language_model(
+                    input_ids=self.token_ids[:bucket],
+                    attention_mask=window.mask,
+                    position_ids=self.positions[:, :bucket],
+                    past_key_values=cache,
+                    use_cache=True,
+                    decode_window=window,
+                )
         finally:
             cache.static_rows = None
         return outputs.last_hidden_state[:, -1]  # type: ignore[no-any-return]
 
     def _replay(self, bucket: int) -> torch.Tensor:
         key = (bucket, self.cache.capacity, self.cache.keys.data_ptr())  # a grown cache needs new graphs
+        if self._captured and next(iter(self._captured))[2] != key[2]:
+            self._captured.clear()  # graphs of buffers the cache has replaced
+            self._verified.clear()
         if key not in self._captured:
             try:
                 self._captured[key] = self._capture(bucket)
             except RuntimeError as error:
-                warnings.warn(f"CUDA graph capture failed ({error}); decoding eagerly", RuntimeWarning, stacklevel=3)
-                self.graphs = False
-                return self._forward(bucket)
-        graph, output = self._captured[key]
-        graph.replay()
+                return self._fall_back(f"CUDA graph capture failed ({error})", bucket)
+            return self._forward(bucket)  # this step runs eagerly; the graph's first replay is checked later
+        replay, output = self._captured[key]
+        if key in self._verified:
+            replay()
+            return output
+        eager = self._forward(bucket).clone()  # writes the same keys and values the replay writes again
+        replay()
+        difference = float(((output - eager).abs() / (1 + eager.abs())).max())
+        if difference > REPLAY_TOLERANCE:
+            message = f"a CUDA graph replay differs from the eager step by {difference:.3g}"
+            return self._fall_back(message, bucket, eager)
+        self._verified.add(key)
         return output
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _fall_back(self, reason: str, bucket: int, eager: torch.Tensor | None = None) -> torch.Tensor:
+        warnings.warn(f"{reason}; decoding eagerly", RuntimeWarning, stacklevel=4)
+        self.graphs = False
+        self._captured.clear()
+        return eager if eager is not None else self._forward(bucket)
+
+    def _capture(self, bucket: int) -> tuple[Callable[[], None], torch.Tensor]:
         """Warm up on a side stream (the writes repeat this step's own), then capture one step."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -102,4 +129,4 @@ class StaticDecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = self._forward(bucket)
-        return graph, output
+        return graph.replay, output
