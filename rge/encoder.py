@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from .engine.batching import TokenizedItem, Tokenizer, collate
+from .engine.cache_pool import SlotCachePool
 from .engine.candidates import embed_candidates
 from .engine.decoder import ReasoningDecoder
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
-from .engine.slot_decoder import SlotDecoder, StaticSlotDecoder
+from .engine.slot_decoder import DECODERS, SlotDecoder, resolve_kv_cache
 from .errors import RGEInputError
 from .inputs import Item, normalize_inputs
 from .loading import (
@@ -66,9 +67,9 @@ class RGEEncoder:
             raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.checkpoint = checkpoint
         self.kv_cache = kv_cache
-        """The query path's KV cache: "preallocated" (``SlotCache``), "static" (``SlotCache`` with fixed-shape
-        decode steps, replayed as CUDA graphs on CUDA), "dynamic" (transformers' ``DynamicCache``) or "auto"
-        (preallocated on CUDA, dynamic elsewhere)."""
+        """The query path's KV cache: "static" (``SlotCache`` with fixed-shape decode steps, replayed as CUDA
+        graphs on CUDA), "preallocated" (``SlotCache``, eager steps), "dynamic" (transformers' ``DynamicCache``)
+        or "auto" (static on CUDA, dynamic elsewhere)."""
         self.max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         self.generation_settings: GenerationSettings = _settings(checkpoint.generation, repetition_penalty)
         """How queries choose rationale tokens: the checkpoint's generation config, as the authors'
@@ -80,6 +81,7 @@ class RGEEncoder:
         self._make_batch = functools.partial(
             collate, pad_id=checkpoint.pad_token_id, image_pad_id=checkpoint.image_pad_id, vision=checkpoint.vision
         )
+        self._cache_pool = SlotCachePool()
 
     @classmethod
     def from_pretrained(
@@ -107,8 +109,9 @@ class RGEEncoder:
         ``max_length``: the model's context (longer inputs raise RGEInputError, nothing is truncated);
         queries decode as the checkpoint's ``generation_config.json`` says (its repetition penalty;
         ``repetition_penalty=1.0`` gives plain greedy decoding); ``kv_cache``: the query path's cache,
-        preallocated on CUDA and transformers' dynamic one elsewhere (``"preallocated"`` / ``"dynamic"``;
-        ``"static"``: fixed-shape steps, replayed as CUDA graphs on CUDA).
+        ``"static"`` on CUDA (a preallocated cache, fixed-shape steps replayed as CUDA graphs) and
+        transformers' dynamic one elsewhere (``"preallocated"``: the preallocated cache with eager steps;
+        ``"dynamic"``).
         """
         resolved_device = choose_device(device)
         path = resolve_checkpoint(
@@ -323,14 +326,16 @@ class RGEEncoder:
         *,
         generation: GenerationSettings | None = None,
         admission: bool = True,
+        kv_cache: str | None = None,
     ) -> ReasoningDecoder:
-        """The query path's decoder as ``encode`` configures it (its cache, budget and generation settings).
+        """The query path's decoder as ``encode`` configures it (its cache, budget and generation settings;
+        ``kv_cache`` overrides the encoder's for this decoder).
 
         Lower-level than ``encode``: its ``stream()`` takes prepared items (``prepare``) as they arrive,
         which is how ``rge serve`` shares one running batch among requests.
         """
-        preallocated = self.kv_cache == "preallocated" or (self.kv_cache == "auto" and self.device.type == "cuda")
-        decoder = StaticSlotDecoder if self.kv_cache == "static" else SlotDecoder if preallocated else ReasoningDecoder
+        decoder = DECODERS[resolve_kv_cache(kv_cache or self.kv_cache, self.device)]
+        pool: dict[str, Any] = {"pool": self._cache_pool} if issubclass(decoder, SlotDecoder) else {}
         return decoder(
             self.model,
             self._model_batch,
@@ -339,7 +344,12 @@ class RGEEncoder:
             batch_size=batch_size,
             admission=admission,
             generation=generation or self.generation_settings,
+            **pool,
         )
+
+    def release_decode_cache(self) -> None:
+        """Free the KV cache (and CUDA graphs) the query path keeps between calls for reuse."""
+        self._cache_pool.clear()
 
     def rationale_texts(self, token_ids: Sequence[Sequence[int]]) -> list[str]:
         """Rationales as text from generated token ids (``<emb>`` left out)."""

@@ -127,15 +127,17 @@ def test_static_steps_have_bucketed_rows_and_the_whole_capacity(encoder, mixed_i
     def recorded(*args, **kwargs):
         cache, ids = kwargs["past_key_values"], kwargs.get("input_ids")
         if ids is not None and cache.static_rows is not None:  # a decode step (prefill passes embeddings)
-            shapes.append((ids.shape[0], kwargs["attention_mask"].shape, cache.capacity, cache.rows))
+            shapes.append((ids.shape[0], kwargs["attention_mask"].shape, cache.capacity, cache.rows,
+                           cache.mask.shape[0]))  # fmt: skip
         return original(*args, **kwargs)
 
     monkeypatch.setattr(language_model, "forward", recorded)
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     static.encode_query(texts, images=images, batch_size=6, show_progress_bar=False)
     assert shapes
-    for bucket, mask_shape, capacity, rows in shapes:
-        assert bucket == min(bucket_for(rows, 6), 6) and bucket >= rows
+    for bucket, mask_shape, capacity, rows, slots in shapes:
+        assert slots == 8  # 6 rows asked for, rounded up to a bucket
+        assert bucket == bucket_for(rows, slots) and bucket >= rows
         assert mask_shape == (bucket, 1, 1, capacity)
-    assert any(bucket > rows for bucket, _, _, rows in shapes)  # some steps ran padded rows
+    assert any(bucket > rows for bucket, _, _, rows, _ in shapes)  # some steps ran padded rows
     assert [bucket_for(n, 64) for n in (1, 3, 5, 17, 33, 50, 64)] == [1, 4, 8, 32, 48, 64, 64]

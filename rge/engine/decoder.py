@@ -192,3 +192,6 @@ class ReasoningDecoder:
     def _merge(self, running: Running | None, newcomers: Running, slots: int) -> Running:
         """``newcomers`` joined to the running batch (at most ``slots`` rows ever run together)."""
         return merge(running, newcomers)
+
+    def _release(self, running: Running) -> None:
+        """The batch ``running`` has emptied (every row finished or cancelled): its cache may be reused."""

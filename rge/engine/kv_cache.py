@@ -72,6 +72,11 @@ class SlotCache(Cache):
         """Set during a fixed-shape decode step: its row count; writes go to column ``write_at``."""
         self.write_at = torch.zeros(1, dtype=torch.long, device=device)
 
+    def clear(self) -> None:
+        """Forget every row (the buffers stay allocated, in place)."""
+        self.mask.zero_()
+        self.rows = self.start = self.end = 0
+
     @property
     def capacity(self) -> int:
         return int(self.mask.shape[1])

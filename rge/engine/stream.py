@@ -97,6 +97,7 @@ class DecodeStream:
             keep = (~torch.isin(running.indices, leaving)).nonzero().squeeze(1)
             if keep.numel() == 0:
                 self._running = None
+                self.decoder._release(running)
             elif keep.numel() < running.size:
                 self.decoder._select_rows(running, keep)
 
@@ -105,9 +106,12 @@ class DecodeStream:
         try:
             if self._waiting and self._may_admit():
                 self._admit()
-            if self._running is None:
+            running = self._running
+            if running is None:
                 return []
-            self._running, finished = self.decoder._step(self._running, self._outputs)
+            self._running, finished = self.decoder._step(running, self._outputs)
+            if self._running is None:
+                self.decoder._release(running)
         except torch.OutOfMemoryError:
             if self._limit == 1:
                 raise

@@ -150,7 +150,9 @@ def self_generated_rationales(
     was_training = model.training
     model.eval()
     try:
-        decoder = encoder.query_decoder(batch_size=len(prompts), max_new_tokens=max_new_tokens)
+        # Eager steps: graphs captured for one short batch per training step would not pay for themselves.
+        eager = "preallocated" if encoder.device.type == "cuda" else None
+        decoder = encoder.query_decoder(batch_size=len(prompts), max_new_tokens=max_new_tokens, kv_cache=eager)
         indexed = [replace(prompt, index=row) for row, prompt in enumerate(prompts)]
         return decoder.run(indexed).generated
     finally:
