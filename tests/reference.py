@@ -75,12 +75,14 @@ class Reference:
             extra = {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
         encoded = self.tokenizer(prompt, return_tensors="pt")
         image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        return {
+        inputs = {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
             "mm_token_type_ids": (encoded["input_ids"] == image_pad).int(),
             **extra,
         }
+        device = next(self.model.parameters()).device  # type: ignore[attr-defined]
+        return {name: tensor.to(device) for name, tensor in inputs.items()}
 
     @torch.no_grad()
     def candidate(self, text: str, image: Image.Image | None = None) -> torch.Tensor:

@@ -28,6 +28,23 @@ def test_benchmark_suite_runs_and_variants_agree(tmp_path):
     assert all(0.0 <= row["padded_share"] < 1.0 for row in result["candidates"])
 
 
+def test_gpu_mode_runs_its_floor_analysis_on_any_device(tmp_path):
+    """The GPU mode's code (3-D floor analysis, first calls timed apart, bf16) run here at a tiny size."""
+    output = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--mode", "gpu", "--device", "cpu", "--sizes", "tiny",
+         "--queries", "4", "--documents", "4", "--batch-sizes", "1", "4", "--budget", "4", "--floor-batch", "4",
+         "--output", str(output)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert "bfloat16" in result["machine"] and {row["workload"] for row in result["query"]} == {"mixed, varied"}
+    floor = result["floor"]
+    assert floor["batch_size"] == 4 and floor["queries"] == 16 and 0 < floor["full_steps"] <= floor["decode_steps"]
+    assert floor["decode_ms_p90"] >= floor["decode_ms_median"] > 0 and floor["decode_floor_ms_median"] > 0
+    assert floor["prefill_tokens"] > 0 and floor["prefill_ratio_median"] > 0
+
+
 def test_training_benchmark_runs_every_variant(tmp_path):
     output = tmp_path / "train.json"
     subprocess.run(
@@ -39,3 +56,26 @@ def test_training_benchmark_runs_every_variant(tmp_path):
     assert [row["variant"] for row in rows] == ["full", "full + GradCache (micro = batch / 4)",
                                                 "full + gradient checkpointing", "LoRA (DoRA r=16)"]  # fmt: skip
     assert all(row["samples_per_second"] > 0 and 0 < row["generation_share"] < 1 for row in rows)
+
+
+def test_vllm_route_saves_a_checkpoint_rge_loads_and_says_when_vllm_is_missing(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import vllm_route
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from rge import RGEEncoder
+
+    folder = vllm_route.save_random("tiny", tmp_path / "tiny", budget=4)
+    encoder = RGEEncoder.from_pretrained(folder, device="cpu", max_new_tokens=4)
+    texts, images = vllm_route.query_workload(2, with_images=True)
+    requests = vllm_route.prompts(encoder, texts, images)
+    assert requests[0]["prompt"].count("<|image_pad|>") == 1 and "multi_modal_data" in requests[0]
+    assert "multi_modal_data" not in requests[1] and requests[1]["prompt"].endswith("<|im_start|>assistant\n")
+    assert encoder.encode_query(texts, images=images).shape == (2, encoder.model.config.text_config.hidden_size)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_route.py"), "--model", str(folder)],
+                              capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 2 and "vLLM is not installed" in done.stderr
