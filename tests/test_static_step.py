@@ -118,3 +118,32 @@ def test_a_failed_capture_falls_back_to_eager_steps(encoder, mixed_items, expect
     with pytest.warns(RuntimeWarning, match="capture failed"):
         result = encode_static(encoder, mixed_items)
     assert_same(result, expected)
+
+
+@pytest.mark.parametrize("leftpad", [True, False])
+def test_flash_kernel_is_used_only_when_loaded_with_it_on_cuda_in_half_precision(monkeypatch, leftpad):
+    import sys
+    import types
+
+    def kernel(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, cache_leftpad=None, softmax_scale=None):
+        raise AssertionError("never called")
+
+    def old_kernel(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, softmax_scale=None):
+        raise AssertionError("never called")
+
+    module = types.SimpleNamespace(flash_attn_with_kvcache=kernel if leftpad else old_kernel)
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setattr(decode_attention.importlib.util, "find_spec", lambda name: object())
+    decode_attention.flash_kvcache_kernel.cache_clear()
+
+    def uses(implementation, device, dtype):
+        model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation=implementation))
+        return decode_attention.uses_flash_kernel(model, torch.device(device), dtype)
+
+    try:
+        assert uses("flash_attention_2", "cuda", torch.bfloat16) is leftpad  # flash-attention < 2.6: sdpa steps
+        assert not uses("sdpa", "cuda", torch.bfloat16)
+        assert not uses("flash_attention_2", "cpu", torch.bfloat16)
+        assert not uses("flash_attention_2", "cuda", torch.float32)
+    finally:
+        decode_attention.flash_kvcache_kernel.cache_clear()

@@ -17,6 +17,7 @@ The step switches the language model's attention to ``static_decode_attention`` 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,12 +53,15 @@ class DecodeWindow:
 
 @cache
 def flash_kvcache_kernel() -> Callable[..., torch.Tensor] | None:
-    """``flash_attn.flash_attn_with_kvcache`` when flash-attention imports, else None."""
+    """``flash_attn.flash_attn_with_kvcache`` when flash-attention imports and takes ``cache_leftpad``
+    (2.6 and later), else None."""
     if importlib.util.find_spec("flash_attn") is None:
         return None
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
+        return None
+    if "cache_leftpad" not in inspect.signature(flash_attn_with_kvcache).parameters:
         return None
     return flash_attn_with_kvcache  # type: ignore[no-any-return]
 
