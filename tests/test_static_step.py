@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AttentionInterface
 
 from rge import RGEEncoder
 from rge.engine import decode_attention, static_step
@@ -59,13 +60,18 @@ def flash_kvcache_as_documented(calls):
 
 
 def test_flash_kernel_is_called_with_each_rows_window(encoder, mixed_items, expected, monkeypatch):
-    calls = []
+    """Here the model runs sdpa, whose registered function the dispatch wraps (restored afterwards):
+    prefill goes through it unchanged, decode steps to the kernel."""
+    calls, mapping = [], AttentionInterface._global_mapping
+    monkeypatch.setitem(mapping, "sdpa", mapping["sdpa"])
     monkeypatch.setattr(decode_attention, "flash_kvcache_kernel", lambda: flash_kvcache_as_documented(calls))
     monkeypatch.setattr(static_step, "uses_flash_kernel", lambda *args: True)
     assert_same(encode_static(encoder, mixed_items), expected)
     layers = encoder.model.config.text_config.num_hidden_layers
     assert len(calls) > layers and len(calls) % layers == 0  # every layer of every decode step
-    assert encoder.model.model.language_model.config._attn_implementation == "sdpa"  # restored after each step
+    wrapped = mapping["sdpa"]
+    decode_attention.install_flash_dispatch("sdpa")
+    assert mapping["sdpa"] is wrapped and wrapped.rge_wrapped is not wrapped  # wrapped once
 
 
 @pytest.fixture

@@ -4,31 +4,26 @@ Each row attends to one contiguous run of columns, ``[first, stop)``: its prompt
 right-aligned when admitted, and every later column is its own (rows move whole when compacted). A
 ``DecodeWindow`` holds those bounds as device tensors, which a captured CUDA graph reads at replay:
 
-- with flash-attention installed and the model loaded with ``flash_attention_2``, the step calls its
-  KV-cache kernel, ``flash_attn_with_kvcache(cache_leftpad=first, cache_seqlens=stop)``: it reads each
-  row's own columns only and handles the grouped key/value heads itself;
-- otherwise scaled-dot-product attention with a boolean mask built from the same bounds (transformers'
-  ``sdpa`` function, which folds the query heads onto their key/value head for one-token queries).
-
-The step switches the language model's attention to ``static_decode_attention`` for its own forward only
-(``decode_attention``): prefill and everything else keep the implementation the model was loaded with.
+- sdpa or eager (the model's own attention): the window as a 4-D boolean mask (transformers' sdpa folds
+  the query heads onto their key/value head for one-token queries, so the cache is not repeated);
+- flash-attention (the model loaded with it, on CUDA, 2.6 or later): its KV-cache kernel,
+  ``flash_attn_with_kvcache(cache_leftpad=first, cache_seqlens=stop)``, which reads each row's own
+  columns only. transformers' flash path takes a 2-D padding mask, so ``install_flash_dispatch`` wraps
+  the registered flash attention function: a call that carries a ``decode_window`` goes to the kernel,
+  every other call (prefill, other models, other threads) to the function it wraps, unchanged.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-NAME = "rge_static_decode"
 
 
 @dataclass
@@ -38,17 +33,16 @@ class DecodeWindow:
     first: torch.Tensor  # (bucket,) int32: flash-attention's cache_leftpad
     stop: torch.Tensor  # (bucket,) int32: flash-attention's cache_seqlens
     mask: torch.Tensor  # (bucket, 1, 1, capacity) bool
-    flash: bool  # call flash-attention's KV-cache kernel
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, write_at: torch.Tensor, flash: bool) -> DecodeWindow:
+    def from_mask(cls, mask: torch.Tensor, write_at: torch.Tensor) -> DecodeWindow:
         """From the cache's (bucket, capacity) 0/1 mask (the new column included) and the written column:
         tensor operations only, so a graph replays them with the step."""
         first = mask.int().argmax(dim=1)  # the first 1 of each row
         stop = (write_at + 1).expand_as(first)
         columns = torch.arange(mask.shape[1], device=mask.device)
         window = (columns >= first[:, None]) & (columns < stop[:, None])
-        return cls(first.int(), stop.int(), window[:, None, None, :], flash)
+        return cls(first.int(), stop.int(), window[:, None, None, :])
 
 
 @cache
@@ -66,39 +60,6 @@ def flash_kvcache_kernel() -> Callable[..., torch.Tensor] | None:
     return flash_attn_with_kvcache  # type: ignore[no-any-return]
 
 
-def static_decode_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    decode_window: DecodeWindow,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """One-token queries (B, H, 1, D) against whole-capacity keys and values (B, Hk, C, D); returns the
-    attention output as (B, 1, H, D), as transformers' attention functions do."""
-    if decode_window.flash:
-        kernel = flash_kvcache_kernel()
-        assert kernel is not None
-        output = kernel(
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            cache_seqlens=decode_window.stop,
-            cache_leftpad=decode_window.first,
-            softmax_scale=scaling,
-            causal=True,
-        )
-        return output, None
-    kwargs.pop("dropout", None)
-    return sdpa_attention_forward(module, query, key, value, decode_window.mask, dropout=0.0, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(NAME, static_decode_attention)
-
-
 def uses_flash_kernel(language_model: Any, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether decode steps call flash-attention: loaded with it, on CUDA, in a half-precision dtype."""
     loaded_with = str(language_model.config._attn_implementation or "")
@@ -110,13 +71,44 @@ def uses_flash_kernel(language_model: Any, device: torch.device, dtype: torch.dt
     )
 
 
-@contextmanager
-def decode_attention(language_model: Any) -> Iterator[None]:
-    """Route the language model's attention layers to ``static_decode_attention`` inside the block."""
-    config = language_model.config
-    loaded_with = config._attn_implementation_internal
-    config._attn_implementation_internal = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = loaded_with
+def flash_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: DecodeWindow, scaling: float | None
+) -> torch.Tensor:
+    """One-token queries (B, H, 1, D) against whole-capacity keys and values (B, Hk, C, D), each row within
+    its window; returns (B, 1, H, D), as transformers' attention functions do."""
+    kernel = flash_kvcache_kernel()
+    assert kernel is not None
+    return kernel(
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        cache_seqlens=window.stop,
+        cache_leftpad=window.first,
+        softmax_scale=scaling,
+        causal=True,
+    )
+
+
+def install_flash_dispatch(implementation: str) -> None:
+    """Wrap the attention function registered as ``implementation``: calls with a ``decode_window`` run
+    ``flash_decode``, all others the wrapped function. Idempotent."""
+    wrapped = AttentionInterface._global_mapping[implementation]
+    if getattr(wrapped, "rge_wrapped", None) is not None:
+        return
+
+    def dispatch(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        decode_window: DecodeWindow | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, Any]:
+        if decode_window is None:
+            return wrapped(module, query, key, value, attention_mask, *args, **kwargs)  # type: ignore[no-any-return]
+        return flash_decode(query, key, value, decode_window, kwargs.get("scaling")), None
+
+    dispatch.rge_wrapped = wrapped  # type: ignore[attr-defined]
+    AttentionInterface.register(implementation, dispatch)

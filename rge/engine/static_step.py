@@ -3,7 +3,7 @@
 A graph replays the same kernels on the same addresses, so everything a decode step reads must be a
 tensor that stays in place and keeps its shape: the running rows are padded to a bucket size (1, 2, 4,
 8, 16, 32, 48, 64, 96, 128, ...), the step attends over the cache's whole capacity within each row's
-window of columns (``decode_attention.py``: flash-attention's KV-cache kernel or sdpa), the new keys
+window of columns (``decode_attention.py``: as a mask, or flash-attention's KV-cache kernel), the new keys
 and values are written at a column held in a tensor (``SlotCache.write_at``), and the token ids and
 positions come from buffers filled before the step. Padded rows attend to their own new column only and
 their outputs are dropped.
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .decode_attention import DecodeWindow, decode_attention, uses_flash_kernel
+from .decode_attention import DecodeWindow, install_flash_dispatch, uses_flash_kernel
 from .kv_cache import SlotCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -45,6 +45,8 @@ class StaticDecodeStep:
         self.token_ids = torch.zeros((slots, 1), dtype=torch.long, device=device)
         self.positions = torch.zeros((4, slots, 1), dtype=torch.long, device=device)
         self.flash = uses_flash_kernel(self.language_model, device, cache.keys.dtype)
+        if self.flash:
+            install_flash_dispatch(self.language_model.config._attn_implementation)
         self.graphs = graphs and device.type == "cuda"
         self._captured: dict[tuple[int, int, int], tuple[Callable[[], None], torch.Tensor]] = {}
         self._verified: set[tuple[int, int, int]] = set()
@@ -70,18 +72,18 @@ class StaticDecodeStep:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         cache = self.cache
-        window = DecodeWindow.from_mask(cache.mask[:bucket], cache.write_at, self.flash)
+        window = DecodeWindow.from_mask(cache.mask[:bucket], cache.write_at)
+        flash = {"decode_window": window} if self.flash else {}
         cache.static_rows = bucket
         try:
-            with decode_attention(self.language_model):
-                outputs = self.language_model(
-                    input_ids=self.token_ids[:bucket],
-                    attention_mask=window.mask,
-                    position_ids=self.positions[:, :bucket],
-                    past_key_values=cache,
-                    use_cache=True,
-                    decode_window=window,
-                )
+            outputs = self.language_model(
+                input_ids=self.token_ids[:bucket],
+                attention_mask=window.mask,
+                position_ids=self.positions[:, :bucket],
+                past_key_values=cache,
+                use_cache=True,
+                **flash,
+            )
         finally:
             cache.static_rows = None
         return outputs.last_hidden_state[:, -1]  # type: ignore[no-any-return]
