@@ -34,7 +34,7 @@ from .checkpoints import (
 )
 from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
-from .distributed import init_from_environment, launched_world_size, local_rank, rank, world_size
+from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 LOG_FILE = "log.jsonl"
@@ -82,6 +82,7 @@ class Trainer:
                 if config.gradient_checkpointing:
                     _checkpointing(encoder.model, enable=False)
                 export_model(peft_model or encoder.model, encoder.checkpoint.path, output)
+            barrier()  # every process leaves together: a rank tearing gloo down alone can leave its peer hanging
             return output
         finally:
             if created:
