@@ -39,9 +39,7 @@ def decode(encoder: RGEEncoder, items: list[Any], budget: int, batch_size: int, 
         choose = decoder.next_tokens
 
         def recorded(scores, indices, counts):
-            logits = scores.clone()
-            logits[:, decoder.banned + [decoder.emb_token_id]] = -torch.inf
-            top = logits.topk(2, dim=-1).values
+            top = decoder.allowed(scores).topk(2, dim=-1).values
             for row, count, gap in zip(indices.tolist(), counts.tolist(), (top[:, 0] - top[:, 1]).tolist()):
                 margins[decoder._stream.key_of(row), count] = gap  # by query and token position
             return choose(scores, indices, counts)

@@ -131,10 +131,14 @@ class ForcedDecoder(ReasoningDecoder):
             self._row_schedule[row.index] = self.schedule[self._stream.key_of(row.index)]
         return super()._prefill(rows, outputs)
 
-    def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def allowed(self, scores: torch.Tensor) -> torch.Tensor:
+        """A copy of ``scores`` with the banned tokens and <emb> at -inf: what the schedule chooses among."""
         logits = scores.clone()
         logits[:, self.banned + [self.emb_token_id]] = -torch.inf
-        tokens = logits.argmax(dim=-1)
+        return logits
+
+    def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        tokens = self.allowed(scores).argmax(dim=-1)
         tokens[self._row_schedule[indices] == counts + 1] = self.emb_token_id
         return tokens
 

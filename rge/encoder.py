@@ -31,7 +31,7 @@ from .loading import (
 from .prompts import EMB_TOKEN, resolve_prompt
 from .types import Embeddings, EncodeInput, ImageInput
 
-KV_CACHES = ("auto", "preallocated", "static", "dynamic")
+KV_CACHES = ("auto", *DECODERS)
 
 
 class Rationales(list[str]):
