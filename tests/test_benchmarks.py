@@ -79,3 +79,21 @@ def test_vllm_route_saves_a_checkpoint_rge_loads_and_says_when_vllm_is_missing(t
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vllm_route.py"), "--model", str(folder)],
                               capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert done.returncode == 2 and "vLLM is not installed" in done.stderr
+
+
+def test_bf16_flip_benchmark_compares_the_three_pairs(tmp_path):
+    output = tmp_path / "flips.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bf16_flips.py"), "--sizes", "tiny", "--queries", "6",
+         "--budget", "6", "--batch-size", "4", "--output", str(output)],
+        check=True, capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    (row,) = json.loads(output.read_text())["rows"]
+    pairs = ["rge bf16 vs rge fp32", "rge bf16 vs authors' loop bf16", "authors' loop bf16 vs rge fp32"]
+    for pair in pairs:
+        stats = row[pair]
+        assert stats["queries"] == 6 and 0 <= stats["queries_flipped"] <= 6
+        assert stats["tokens"] == 36 and 0 <= stats["tokens_before_first_flip"] <= 36  # every rationale to budget
+        if stats["queries_flipped"]:
+            assert 0 <= stats["fp32_margin_at_flip_median"] <= stats["fp32_margin_at_flip_max"]
+    assert 0 < row["fp32_margin_p10"] <= row["fp32_margin_median"]
