@@ -96,7 +96,7 @@ def main() -> None:
         bf16_model = copy.deepcopy(fp32.model).to(torch.bfloat16)  # the same weights, rounded once
         bf16 = RGEEncoder(replace(fp32.checkpoint, model=bf16_model), max_new_tokens=args.budget)
         texts, images = query_workload(args.queries, with_images=True)
-        items = fp32._prepare(texts, images, reason=True, budget=args.budget)[0]
+        items = fp32.prepare(texts, images, reason=True, max_new_tokens=args.budget)
         margins: dict[tuple[int, int], float] = {}
         fp32_tokens, fp32_vectors = decode(fp32, items, args.budget, args.batch_size, margins)
         bf16_tokens, bf16_vectors = decode(bf16, items, args.budget, args.batch_size)

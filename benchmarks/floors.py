@@ -67,7 +67,7 @@ def floor_suite(encoder: RGEEncoder, args: argparse.Namespace) -> dict[str, Any]
     queries = max(args.queries, 4 * batch_size)
     texts, images = query_workload(queries, with_images=True)
     schedule = stop_schedule(queries, args.budget, "varied")
-    items = encoder._prepare(texts, images, reason=True, budget=args.budget)[0]
+    items = encoder.prepare(texts, images, reason=True, max_new_tokens=args.budget)
 
     def decoder() -> Any:
         return forced_decoder(

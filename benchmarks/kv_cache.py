@@ -65,7 +65,7 @@ def main() -> None:
         for workload, with_images in (("text", False), ("mixed", True)):
             texts, images = query_workload(args.queries, with_images)
             schedule = stop_schedule(args.queries, args.budget, "varied")
-            tokenized, _ = encoder._prepare(texts, images, reason=True, budget=args.budget)
+            tokenized = encoder.prepare(texts, images, reason=True, max_new_tokens=args.budget)
             results = {}
             for name in ("dynamic", "preallocated", "static"):
                 encoder.kv_cache = name

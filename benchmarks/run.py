@@ -87,7 +87,7 @@ def run_rge(encoder: RGEEncoder, texts, images, schedule, batch_size: int, budge
     reset_peak(device)
     start = time.perf_counter()
     with timer.part("inputs"):
-        tokenized, _ = encoder._prepare(texts, images, reason=True, budget=budget)
+        tokenized = encoder.prepare(texts, images, reason=True, max_new_tokens=budget)
     result = decoder.run(tokenized)
     sync(device)
     total = time.perf_counter() - start
@@ -121,13 +121,13 @@ def run_generate(encoder: RGEEncoder, texts, images, schedule, batch_size: int, 
 
     device, emb, pad = encoder.device, encoder.checkpoint.emb_token_id, encoder.checkpoint.pad_token_id
     model = encoder.model
-    tokenized, _ = encoder._prepare(texts, images, reason=True, budget=budget)
+    tokenized = encoder.prepare(texts, images, reason=True, max_new_tokens=budget)
     tokens, vectors, timer = [], [], Timer(device)
     reset_peak(device)
     start = time.perf_counter()
     for first in range(0, len(tokenized), batch_size):
         rows = tokenized[first : first + batch_size]
-        batch = encoder._model_batch(rows)
+        batch = encoder.model_batch(rows)
         length = batch.input_ids.shape[1]
         images = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values,
                                                          "image_grid_thw": batch.image_grid_thw}  # fmt: skip
@@ -234,12 +234,12 @@ def candidate_workload(count: int) -> list[dict[str, Any]]:
 def run_authors_candidates(encoder: RGEEncoder, docs: list[dict[str, Any]]) -> tuple[float, float]:
     """The authors' batching: input order, 32 rows, left padding to a multiple of 32, full model with all
     hidden states. Returns seconds and the share of padded tokens."""
-    tokenized, _ = encoder._prepare(docs, None, reason=False)
+    tokenized = encoder.prepare(docs, None, reason=False)
     padded = total = 0
     start = time.perf_counter()
     for first in range(0, len(tokenized), 32):
         rows = tokenized[first : first + 32]
-        batch = encoder._model_batch(rows)
+        batch = encoder.model_batch(rows)
         extra = -batch.input_ids.shape[1] % 32
         batch = ModelBatch(torch.nn.functional.pad(batch.input_ids, (extra, 0), value=encoder.checkpoint.pad_token_id),
                            torch.nn.functional.pad(batch.attention_mask, (extra, 0)),
@@ -259,7 +259,7 @@ def run_authors_candidates(encoder: RGEEncoder, docs: list[dict[str, Any]]) -> t
 def rge_padding_share(encoder: RGEEncoder, docs: list[dict[str, Any]], batch_size: int) -> float:
     from rge.engine.batching import length_sorted_batches
 
-    tokenized, _ = encoder._prepare(docs, None, reason=False)
+    tokenized = encoder.prepare(docs, None, reason=False)
     batches = length_sorted_batches(tokenized, batch_size)
     total = sum(len(rows) * max(len(r) for r in rows) for rows in batches)
     return 1 - sum(len(r) for r in tokenized) / total

@@ -159,8 +159,9 @@ def forced_decoder(encoder: RGEEncoder, **kwargs: Any) -> ForcedDecoder:
     ``kwargs``; slot caches come from the encoder's pool, so graphs captured once are replayed by later runs."""
     decoder = FORCED_DECODERS[resolve_kv_cache(encoder.kv_cache, encoder.device)]
     pool = {"pool": encoder._cache_pool} if issubclass(decoder, SlotDecoder) else {}
-    return decoder(encoder.model, encoder._model_batch, encoder.checkpoint.emb_token_id, banned=banned_ids(encoder),
-                   generation=encoder.generation_settings, **pool, **kwargs)  # fmt: skip
+    return decoder(encoder.model, encoder.model_batch, encoder.checkpoint.emb_token_id, banned=banned_ids(encoder),
+                   generation=encoder.generation_settings, prefetch=encoder.inputs.prefetch, **pool,
+                   **kwargs)  # fmt: skip
 
 
 class ForceStop:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-from .engine.batching import TokenizedItem, Tokenizer, collate
+from .engine.batching import ModelBatch, TokenizedItem, collate
 from .engine.cache_pool import SlotCachePool
 from .engine.candidates import embed_candidates
 from .engine.decoder import ReasoningDecoder
@@ -19,7 +18,6 @@ from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
 from .engine.slot_decoder import DECODERS, SlotDecoder, resolve_kv_cache
 from .errors import RGEInputError
-from .inputs import Item, normalize_inputs
 from .loading import (
     LoadedCheckpoint,
     choose_attention,
@@ -28,7 +26,9 @@ from .loading import (
     load_checkpoint,
     resolve_checkpoint,
 )
+from .pipeline import InputPipeline
 from .prompts import EMB_TOKEN, resolve_prompt
+from .tokenization import PromptTokenizer
 from .types import Embeddings, EncodeInput, ImageInput
 
 KV_CACHES = ("auto", *DECODERS)
@@ -77,10 +77,12 @@ class RGEEncoder:
         context = int(checkpoint.model.config.text_config.max_position_embeddings)
         self.max_length = context if max_length is None else _positive_int(max_length, "max_length")
         """Longest prompt, in tokens (image tokens included, plus the reasoning budget for queries)."""
-        self._tokenize = Tokenizer(checkpoint.tokenizer, checkpoint.vision, checkpoint.image_pad_id)
-        self._make_batch = functools.partial(
-            collate, pad_id=checkpoint.pad_token_id, image_pad_id=checkpoint.image_pad_id, vision=checkpoint.vision
+        self._tokenizer = PromptTokenizer(checkpoint.tokenizer, checkpoint.image_pad_id)
+        self.inputs = InputPipeline(
+            self._tokenizer, checkpoint.vision, checkpoint.template, device=self.device, dtype=self.dtype
         )
+        """Prepares inputs (images decoded and resized, prompts tokenized, patches made ahead of the model) in
+        worker threads; ``encode``, the query decoder and ``rge serve`` share it."""
         self._cache_pool = SlotCachePool()
 
     @classmethod
@@ -195,7 +197,10 @@ class RGEEncoder:
             prefix = resolve_prompt(prompt, prompt_name, reason)
         except ValueError as error:
             raise RGEInputError(str(error)) from None
-        tokenized, single = self._prepare(texts, images, reason, budget, exif_transpose=exif_transpose, prompt=prefix)
+        tokenized, single = self.inputs.prepare(
+            texts, images, reason=reason, max_length=self.max_length, budget=budget,
+            exif_transpose=exif_transpose, prompt=prefix,
+        )  # fmt: skip
         progress = show_progress_bar if show_progress_bar is not None else len(tokenized) > batch_size
         if not tokenized:
             embeddings, rationales = torch.empty((0, self.embedding_dim)), Rationales([], [])
@@ -255,47 +260,21 @@ class RGEEncoder:
         reason: bool,
         exif_transpose: bool = True,
         prompt: str = "",
+        max_new_tokens: int | None = None,
     ) -> list[TokenizedItem]:
-        """Inputs as ``encode`` takes them -> prompt token ids (query or candidate prompt), image slots expanded.
+        """Inputs as ``encode`` takes them -> prompt token ids (query or candidate prompt), image slots expanded,
+        images resized; in this thread (``encode`` spreads the work over ``inputs``' workers).
 
         Lower-level than ``encode`` (for engines driven directly, such as ``rge serve``): every check that
-        can reject an input happens here (RGEInputError naming the item), before any model work.
+        can reject an input happens here (RGEInputError naming the item), before any model work; a query's
+        prompt must leave room for ``max_new_tokens`` (default: the encoder's) within ``max_length``.
         """
-        return self._prepare(texts, images, reason, exif_transpose=exif_transpose, prompt=prompt)[0]
-
-    def _prepare(
-        self,
-        texts: Any,
-        images: Any,
-        reason: bool,
-        budget: int | None = None,
-        *,
-        exif_transpose: bool = True,
-        prompt: str = "",
-    ) -> tuple[list[TokenizedItem], bool]:
-        """Validated inputs as prompt token ids (the query or the candidate prompt), and whether input was single.
-
-        Everything that can reject an input happens here, before any model work.
-        """
-        items, single = normalize_inputs(texts, images, exif_transpose=exif_transpose, prompt=prompt)
-        if not items:
-            return [], single
-        tokenized = self._tokenize([self._prompt(item, reason) for item in items], [item.image for item in items])
-        self._check_lengths(tokenized, (self.max_new_tokens if budget is None else budget) if reason else 0)
-        return tokenized, single
-
-    def _check_lengths(self, items: list[TokenizedItem], budget: int) -> None:
-        for item in items:
-            if len(item) + budget > self.max_length:
-                raise RGEInputError(
-                    f"prompt of {len(item)} tokens{f' plus {budget} reasoning tokens' if budget else ''} exceeds "
-                    f"max_length={self.max_length}; shorten the text or lower the image's max_pixels",
-                    item.index,
-                )
-
-    def _prompt(self, item: Item, reason: bool) -> str:
-        template = self.checkpoint.template
-        return template.query(item.text) if reason else template.candidate(item.text)
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        items, _ = self.inputs.prepare(
+            texts, images, reason=reason, max_length=self.max_length, budget=budget,
+            exif_transpose=exif_transpose, prompt=prompt, parallel=False,
+        )  # fmt: skip
+        return items
 
     def candidate_embeddings(
         self, items: Sequence[TokenizedItem], batch_size: int, *, progress: bool = False
@@ -303,8 +282,9 @@ class RGEEncoder:
         """Raw (not normalised) float32 embeddings of prepared candidate items (``prepare(..., reason=False)``,
         indexed 0..N-1), in index order: one forward pass per length-sorted batch."""
         return embed_candidates(
-            self.model, items, self._model_batch, self.checkpoint.emb_token_id, batch_size, progress
-        )
+            self.model, items, self.model_batch, self.checkpoint.emb_token_id, batch_size, progress,
+            prefetch=self.inputs.prefetch,
+        )  # fmt: skip
 
     def _encode_reasoning(
         self,
@@ -338,12 +318,13 @@ class RGEEncoder:
         pool: dict[str, Any] = {"pool": self._cache_pool} if issubclass(decoder, SlotDecoder) else {}
         return decoder(
             self.model,
-            self._model_batch,
+            self.model_batch,
             self.checkpoint.emb_token_id,
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             batch_size=batch_size,
             admission=admission,
             generation=generation or self.generation_settings,
+            prefetch=self.inputs.prefetch,
             **pool,
         )
 
@@ -358,11 +339,12 @@ class RGEEncoder:
     def _rationale_text(self, tokens: list[int]) -> str:
         if tokens and tokens[-1] == self.checkpoint.emb_token_id:
             tokens = tokens[:-1]
-        text: str = self.checkpoint.tokenizer.decode(tokens, skip_special_tokens=False)
-        return text.replace(EMB_TOKEN, "")
+        return self._tokenizer.decode(tokens).replace(EMB_TOKEN, "")
 
-    def _model_batch(self, rows: Sequence[TokenizedItem]) -> Any:
-        return self._make_batch(rows).to(self.device, self.dtype)
+    def model_batch(self, rows: Sequence[TokenizedItem]) -> ModelBatch:
+        """Prepared items as one left-padded batch on the model's device (pixel values in its dtype)."""
+        checkpoint, device, dtype = self.checkpoint, self.device, self.dtype
+        return collate(rows, checkpoint.pad_token_id, checkpoint.image_pad_id, device, dtype).to(device, dtype)
 
 
 def _settings(settings: GenerationSettings, repetition_penalty: float | None) -> GenerationSettings:

@@ -9,8 +9,13 @@ class RGEInputError(ValueError):
     Raised before any model work, so the encoder stays usable after it.
     """
 
-    def __init__(self, message: str, index: int | None = None) -> None:
+    def __init__(self, message: str, index: int | None = None, part: str | None = None) -> None:
         self.index = index
+        """The item at fault (None when the call as a whole is)."""
+        self.part = part
+        """The part of the item at fault, when it is one part: ``"image"``."""
+        self.reason = message
+        """The message without the item prefix."""
         super().__init__(message if index is None else f"item {index}: {message}")
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import RGEInputError
 from .types import ImageInput
@@ -44,7 +47,7 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise RGEInputError(f"image file not found: {str(path)!r}", index)
+            raise RGEInputError(f"image file not found: {str(path)!r}", index, "image")
         opened = _open(path, index, f"image file {str(path)!r}")
     elif isinstance(image, (bytes, bytearray, memoryview)):
         opened = _open(io.BytesIO(bytes(image)), index, "image bytes")
@@ -53,15 +56,18 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
             f"unsupported image type {type(image).__name__}; expected a PIL image, a path, an http(s) URL, "
             "bytes, or a numpy array / torch tensor",
             index,
+            "image",
         )
     if opened.width == 0 or opened.height == 0:
-        raise RGEInputError(f"image has zero size ({opened.width}x{opened.height})", index)
-    if exif_transpose:
-        opened = ImageOps.exif_transpose(opened)
+        raise RGEInputError(f"image has zero size ({opened.width}x{opened.height})", index, "image")
+    if exif_transpose and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        opened = ImageOps.exif_transpose(opened)  # (it copies even an upright image: asked only when needed)
     try:
         return to_rgb(upsize_small_sides(opened))
     except (ValueError, OSError) as exc:
-        raise RGEInputError(f"image of mode {opened.mode!r} cannot be converted to RGB ({exc})", index) from None
+        raise RGEInputError(
+            f"image of mode {opened.mode!r} cannot be converted to RGB ({exc})", index, "image"
+        ) from None
 
 
 def fetch_url(url: str, index: int) -> bytes:
@@ -70,12 +76,12 @@ def fetch_url(url: str, index: int) -> bytes:
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response:  # noqa: S310 - http(s) only
             body = response.read(URL_MAX_BYTES + 1)
     except urllib.error.HTTPError as error:
-        raise RGEInputError(f"image URL {url!r} answered HTTP {error.code}", index) from None
+        raise RGEInputError(f"image URL {url!r} answered HTTP {error.code}", index, "image") from None
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise RGEInputError(f"image URL {url!r} could not be fetched ({reason})", index) from None
+        raise RGEInputError(f"image URL {url!r} could not be fetched ({reason})", index, "image") from None
     if len(body) > URL_MAX_BYTES:
-        raise RGEInputError(f"image URL {url!r} is larger than {URL_MAX_BYTES} bytes", index)
+        raise RGEInputError(f"image URL {url!r} is larger than {URL_MAX_BYTES} bytes", index, "image")
     return body
 
 
@@ -87,13 +93,15 @@ def from_array(array: np.ndarray | torch.Tensor, index: int) -> Image.Image:
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[-1] not in (3, 4)):
-        raise RGEInputError(f"an image array must be HW, HWC or CHW with 1, 3 or 4 channels, got {pixels.shape}", index)
+        raise RGEInputError(
+            f"an image array must be HW, HWC or CHW with 1, 3 or 4 channels, got {pixels.shape}", index, "image"
+        )
     if pixels.dtype.kind == "f":
         if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 1:
-            raise RGEInputError("a float image array must hold finite values in [0, 1]", index)
+            raise RGEInputError("a float image array must hold finite values in [0, 1]", index, "image")
         pixels = np.round(pixels * 255)
     elif pixels.dtype != np.uint8:
-        raise RGEInputError(f"an image array must be uint8 or float, got {pixels.dtype}", index)
+        raise RGEInputError(f"an image array must be uint8 or float, got {pixels.dtype}", index, "image")
     return Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)))
 
 
@@ -101,8 +109,12 @@ def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:
     try:
         opened = Image.open(source)
         opened.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise RGEInputError(f"{what} cannot be decoded as an image ({exc})", index) from None
+    except UnidentifiedImageError:
+        raise RGEInputError(
+            f"{what} cannot be decoded as an image (not a known image format)", index, "image"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RGEInputError(f"{what} cannot be decoded as an image ({exc})", index, "image") from None
     return opened
 
 
@@ -125,11 +137,63 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+class PreparedImage:
+    """An image resized to the model's patch grid, whose patches are computed once, when first needed.
+
+    Resizing (the costly part for a large photo) happens when the image is prepared; normalising and
+    patching can happen ahead of time in a worker (``prefetch``) so that the thread running the model
+    only concatenates ready tensors. The patches are handed over once (``take_pixel_values``) and not
+    kept, so an item waiting in a queue holds the resized image only.
+    """
+
+    def __init__(self, resized: Image.Image, patch_size: int, merge_size: int, to_patches: Any) -> None:
+        self.resized = resized
+        self.grid = (1, resized.height // patch_size, resized.width // patch_size)
+        self.tokens = self.grid[1] * self.grid[2] // merge_size**2
+        """Visual tokens the model sees for this image (after 2x2 merging)."""
+        self._to_patches = to_patches
+        self._lock = threading.Lock()
+        self._pending: Future[torch.Tensor] | None = None
+
+    def prefetch(
+        self,
+        executor: Executor,
+        convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        """Compute the patches in ``executor`` (then ``convert`` them, say to the model's dtype in pinned
+        memory); ``on_ready`` is called when they are. Does nothing if they are computed or being computed."""
+        with self._lock:
+            if self._pending is not None:
+                return
+            self._pending = executor.submit(self._compute, convert)
+        if on_ready is not None:
+            self._pending.add_done_callback(lambda _: on_ready())
+
+    def ready(self) -> bool:
+        """Whether the patches are computed (so taking them does not wait)."""
+        pending = self._pending
+        return pending is not None and pending.done()
+
+    def take_pixel_values(self) -> torch.Tensor:
+        """The patches (grid_t * grid_h * grid_w, patch values): prefetched ones (waiting for them if need be),
+        else computed now. They are not kept: a later call computes them again."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return self._compute(None) if pending is None else pending.result()
+
+    def _compute(self, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        patches: torch.Tensor = self._to_patches(self.resized)
+        return patches if convert is None else convert(patches)
+
+
 class VisionPreprocessor:
     """The checkpoint's image processor with the pixel budget applied on every call.
 
-    Some transformers versions ignore ``min_pixels``/``max_pixels`` given at load time; passing the size
-    (``shortest_edge``/``longest_edge`` in pixels) with each call makes the cap real.
+    Some transformers versions ignore ``min_pixels``/``max_pixels`` given at load time; the budget is
+    applied here, by the processor's own ``smart_resize``, before the processor is called. Resizing first
+    and then running the processor without its resize gives its exact output (tested), in two steps that
+    can run at different times.
     """
 
     def __init__(self, image_processor: Any, min_pixels: int, max_pixels: int) -> None:
@@ -141,8 +205,8 @@ class VisionPreprocessor:
         self.patch_size: int = image_processor.patch_size
         self.merge_size: int = image_processor.merge_size
 
-    def token_count(self, image: Image.Image, index: int) -> int:
-        """Visual tokens the model will see for ``image`` (after 2x2 merging), from its size alone."""
+    def resized_size(self, image: Image.Image, index: int) -> tuple[int, int]:
+        """(width, height) the model sees ``image`` at: a multiple of 28 within the pixel budget."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         try:
@@ -154,14 +218,24 @@ class VisionPreprocessor:
                 max_pixels=self.max_pixels,
             )
         except ValueError as exc:
-            raise RGEInputError(f"image of size {image.width}x{image.height} is not usable: {exc}", index) from None
+            raise RGEInputError(
+                f"image of size {image.width}x{image.height} is not usable: {exc}", index, "image"
+            ) from None
+        return width, height
+
+    def token_count(self, image: Image.Image, index: int) -> int:
+        """Visual tokens the model will see for ``image`` (after 2x2 merging), from its size alone."""
+        width, height = self.resized_size(image, index)
         return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
 
-    def __call__(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches of all ``images`` concatenated, and their (t, h, w) grids, one row per image."""
-        out = self.image_processor(
-            images=images,
-            size={"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-            return_tensors="pt",
-        )
-        return out["pixel_values"], out["image_grid_thw"]
+    def prepare(self, image: Image.Image, index: int) -> PreparedImage:
+        """``image`` (RGB) resized as the processor resizes it; its patches come later (``PreparedImage``)."""
+        size = self.resized_size(image, index)
+        resample = getattr(self.image_processor, "resample", Image.Resampling.BICUBIC)
+        resized = image if image.size == size else image.resize(size, resample=resample)
+        return PreparedImage(resized, self.patch_size, self.merge_size, self.patches)
+
+    def patches(self, resized: Image.Image) -> torch.Tensor:
+        """The processor's patches of an image already at its resized size (normalised, flattened)."""
+        out = self.image_processor(images=[resized], do_resize=False, return_tensors="pt")
+        return out["pixel_values"]  # type: ignore[no-any-return]

@@ -24,19 +24,15 @@ class Item:
     image: Image.Image | None
 
 
-def normalize_inputs(
-    texts: EncodeInput | None,
-    images: Sequence[ImageInput | None] | ImageInput | None = None,
-    *,
-    exif_transpose: bool = True,
-    prompt: str = "",
-) -> tuple[list[Item], bool]:
-    """Validate and decode the inputs of ``encode``; returns the items and whether the input was single.
+def split_inputs(
+    texts: EncodeInput | None, images: Sequence[ImageInput | None] | ImageInput | None = None
+) -> tuple[list[tuple[str, ImageInput | None]], bool]:
+    """The ``(text, image)`` pairs of ``encode``'s inputs, and whether the input was single; cheap checks only
+    (types, counts, reserved tokens), nothing decoded yet.
 
     ``texts`` may be a str or dict (one item), or any sequence or iterable of them (list, tuple, numpy
-    array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. ``prompt`` goes
-    before each text (after an image placed first). Every problem
-    raises RGEInputError naming the item index, before any image is sent to the model.
+    array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. Every problem
+    raises RGEInputError naming the item index.
     """
     if texts is None:
         if images is None:
@@ -49,8 +45,7 @@ def normalize_inputs(
     pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
     if images is not None:
         pairs = _attach_images(pairs, [images] if single and not _is_image_list(images) else images)
-    items = [_make_item(text, image, index, exif_transpose, prompt) for index, (text, image) in enumerate(pairs)]
-    return items, single
+    return pairs, single
 
 
 def _as_list(texts: object) -> list[Any]:
@@ -103,7 +98,8 @@ def _attach_images(pairs: list[tuple[str, ImageInput | None]], images: Any) -> l
     return attached
 
 
-def _make_item(text: str, image: ImageInput | None, index: int, exif_transpose: bool, prompt: str) -> Item:
+def make_item(text: str, image: ImageInput | None, index: int, exif_transpose: bool, prompt: str) -> Item:
+    """One item's text with its image placed and its image decoded (the costly part of preparing it)."""
     slots = count_image_slots(text)
     if slots > 1:
         raise RGEInputError(f"text has {slots} image markers but an item holds at most one image", index)

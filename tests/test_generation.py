@@ -138,7 +138,6 @@ def test_penalty_keeps_batch_invariance_under_admission_and_compaction(encoder, 
     alone = [
         encoder.encode_query([t], images=[i], return_rationales=True)[1].token_ids[0] for t, i in zip(texts, images)
     ]
-    tokenized, _ = encoder._prepare(texts, images, reason=True)
+    tokenized = encoder.prepare(texts, images, reason=True)
     for batch_size in (2, 3):
-        _, rationales = encoder._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=True)
-        assert rationales.token_ids == alone
+        assert encoder.query_decoder(batch_size, BUDGET, admission=True).run(tokenized).generated == alone

@@ -45,11 +45,11 @@ def moves(monkeypatch):
 def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, batch_size, admission, moves, kv_cache):
     preallocated = RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache=kv_cache)
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
-    tokenized, _ = preallocated._prepare(texts, images, reason=True)
-    embeddings, rationales = preallocated._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
+    tokenized = preallocated.prepare(texts, images, reason=True)
+    result = preallocated.query_decoder(batch_size, BUDGET, admission=admission).run(tokenized)
     for row, (expected, tokens) in enumerate(reference_queries):
-        assert rationales.token_ids[row] == tokens, row
-        assert cosine(embeddings[row], expected) >= 0.9999, row
+        assert result.generated[row] == tokens, row
+        assert cosine(result.embeddings[row], expected) >= 0.9999, row
     if batch_size == 3 and admission:
         assert moves["moves"] > 0  # the long admission run reached the capacity and moved its columns
 

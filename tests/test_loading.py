@@ -195,18 +195,16 @@ def test_default_pixel_budget_caps_a_huge_image(tiny_path):
     vision = encoder.checkpoint.vision
     assert (vision.min_pixels, vision.max_pixels) == (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
     huge = make_test_image(4000, 3000, seed=9)
-    pixel_values, grid = vision([huge])
-    tokens = int(grid[0].prod()) // 4
-    assert 256 <= tokens <= 1024
+    prepared = vision.prepare(huge, 0)
+    tokens = prepared.grid[1] * prepared.grid[2] // 4
+    assert 256 <= tokens == prepared.tokens <= 1024
     assert tokens == vision.token_count(huge, 0)
-    assert pixel_values.shape[0] == int(grid[0].prod())
-    small_pixels, small_grid = vision([make_test_image(40, 30, seed=9)])
-    assert int(small_grid[0].prod()) // 4 >= 256
+    assert prepared.take_pixel_values().shape[0] == prepared.grid[1] * prepared.grid[2]
+    assert vision.prepare(make_test_image(40, 30, seed=9), 0).tokens >= 256
     vector = encoder.encode_document("a huge photo", images=[huge])
     assert vector.shape == (64,) and np.isfinite(vector).all()
 
 
 def test_custom_pixel_budget(tiny_path):
     encoder = RGEEncoder.from_pretrained(tiny_path, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
-    _, grid = encoder.checkpoint.vision([make_test_image(4000, 3000, seed=9)])
-    assert int(grid[0].prod()) // 4 <= 16
+    assert encoder.checkpoint.vision.prepare(make_test_image(4000, 3000, seed=9), 0).tokens <= 16

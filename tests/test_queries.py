@@ -30,12 +30,11 @@ def test_fixture_stops_at_different_steps(reference_queries, encoder):
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
 @pytest.mark.parametrize("admission", [True, False])
 def test_matches_reference(encoder: RGEEncoder, reference_queries, mixed_items, batch_size, admission):
-    tokenized, _ = encoder._prepare([text for text, _ in mixed_items], [image for _, image in mixed_items], reason=True)
-    embeddings, rationales = encoder._encode_reasoning(tokenized, batch_size, BUDGET, False, admission=admission)
+    tokenized = encoder.prepare([text for text, _ in mixed_items], [image for _, image in mixed_items], reason=True)
+    result = encoder.query_decoder(batch_size, BUDGET, admission=admission).run(tokenized)
     for row, (expected, tokens) in enumerate(reference_queries):
-        assert rationales.token_ids[row] == tokens, row
-        assert rationales[row] == encoder._rationale_text(tokens), row
-        assert cosine(embeddings[row], expected) >= 0.9999, row
+        assert result.generated[row] == tokens, row
+        assert cosine(result.embeddings[row], expected) >= 0.9999, row
 
 
 def test_public_api_matches_reference(encoder, reference_queries, mixed_items, reference):
@@ -126,12 +125,10 @@ def test_penalty_override_per_call_and_per_encoder_matches_generate(encoder, ref
             encoder.encode_query(text, images=[image], return_rationales=True, repetition_penalty=1.0),
             plain_encoder.encode_query(text, images=[image], return_rationales=True),
         ):
-            assert encoder._rationale_text(tokens) == rationale
+            assert encoder.rationale_texts([tokens]) == [rationale]
             assert cosine(got, expected) >= 0.9999
         heavy, heavy_tokens = reference.query(text, image, max_new_tokens=BUDGET, repetition_penalty=1.3)
-        got = encoder._encode_reasoning(
-            encoder._prepare(text, [image], reason=True)[0], 1, BUDGET, False,
-            generation=encoder.generation_settings.with_penalty(1.3),
-        )  # fmt: skip
-        assert got[1].token_ids[0] == heavy_tokens
-        assert torch.nn.functional.cosine_similarity(got[0][0], heavy, dim=0) >= 0.9999
+        decoder = encoder.query_decoder(1, BUDGET, generation=encoder.generation_settings.with_penalty(1.3))
+        got = decoder.run(encoder.prepare(text, [image], reason=True))
+        assert got.generated[0] == heavy_tokens
+        assert torch.nn.functional.cosine_similarity(got.embeddings[0], heavy, dim=0) >= 0.9999

@@ -1,17 +1,34 @@
-"""Items -> token ids with expanded image slots -> left-padded model batches, formed by length."""
+"""Prepared items -> left-padded model batches, formed by length.
+
+Items arrive with their prompt ids already expanded (one id per visual token) and their image already
+resized (``rge.images.PreparedImage``); building a batch only pads ids and concatenates patches that a
+worker usually computed ahead of time, so the thread that runs the model does no image work.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Protocol
 
 import torch
-from PIL import Image
-
-from ..images import VisionPreprocessor
 
 IMAGE_TOKEN_TYPE = 1
+
+
+class ImagePatches(Protocol):
+    """What a batch needs of an item's image (``rge.images.PreparedImage`` is one)."""
+
+    grid: tuple[int, int, int]
+    tokens: int
+
+    def ready(self) -> bool:
+        """Whether the patches are computed (taking them will not wait)."""
+        ...
+
+    def take_pixel_values(self) -> torch.Tensor:
+        """The image's patches (computed now if they were not prefetched)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -20,10 +37,14 @@ class TokenizedItem:
 
     index: int
     input_ids: list[int]
-    image: Image.Image | None
+    image: ImagePatches | None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def ready(self) -> bool:
+        """Whether a batch can be built from this item without waiting for image work."""
+        return self.image is None or self.image.ready()
 
 
 @dataclass
@@ -48,36 +69,21 @@ class ModelBatch:
         )
 
 
-class Tokenizer:
-    """Turns prompt strings into ids, expanding each ``<|image_pad|>`` to the image's token count."""
-
-    def __init__(self, tokenizer: Any, vision: VisionPreprocessor, image_pad_id: int) -> None:
-        self.tokenizer = tokenizer
-        self.vision = vision
-        self.image_pad_id = image_pad_id
-
-    def __call__(self, prompts: Sequence[str], images: Sequence[Image.Image | None]) -> list[TokenizedItem]:
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        return [
-            TokenizedItem(index, self._expand(ids, image, index), image)
-            for index, (ids, image) in enumerate(zip(encoded, images))
-        ]
-
-    def _expand(self, ids: list[int], image: Image.Image | None, index: int) -> list[int]:
-        if image is None:
-            return ids
-        slot = ids.index(self.image_pad_id)
-        return ids[:slot] + [self.image_pad_id] * self.vision.token_count(image, index) + ids[slot + 1 :]
-
-
 def length_sorted_batches(items: Sequence[TokenizedItem], batch_size: int) -> list[list[TokenizedItem]]:
     """Longest first, so that rows of a batch have similar lengths and padding stays small."""
     ordered = sorted(items, key=lambda item: (-len(item), item.index))
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
-def collate(items: Sequence[TokenizedItem], pad_id: int, image_pad_id: int, vision: VisionPreprocessor) -> ModelBatch:
-    """Left-pad ``items`` into one batch; image patches are computed here, one batch at a time."""
+def collate(
+    items: Sequence[TokenizedItem],
+    pad_id: int,
+    image_pad_id: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelBatch:
+    """Left-pad ``items`` into one batch. Each image's patches go to ``device`` (in ``dtype``) on their own,
+    without waiting for the copy when they sit in pinned memory, and are joined there."""
     width = max(len(item) for item in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -86,5 +92,9 @@ def collate(items: Sequence[TokenizedItem], pad_id: int, image_pad_id: int, visi
         attention_mask[row, width - len(item) :] = 1
     mm_token_type_ids = (input_ids == image_pad_id).int() * IMAGE_TOKEN_TYPE
     images = [item.image for item in items if item.image is not None]
-    pixel_values, grid = vision(images) if images else (None, None)
+    if not images:
+        return ModelBatch(input_ids, attention_mask, mm_token_type_ids, None, None)
+    patches = [image.take_pixel_values() for image in images]
+    pixel_values = torch.cat([part.to(device=device, dtype=dtype, non_blocking=part.is_pinned()) for part in patches])
+    grid = torch.tensor([image.grid for image in images], dtype=torch.long)
     return ModelBatch(input_ids, attention_mask, mm_token_type_ids, pixel_values, grid)

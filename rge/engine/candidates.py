@@ -20,15 +20,21 @@ def embed_candidates(
     emb_token_id: int,
     batch_size: int,
     progress: bool,
+    prefetch: Callable[[Sequence[TokenizedItem]], None] | None = None,
 ) -> torch.Tensor:
     """Embeddings (N, D, float32, not normalised) of ``items`` in their index order.
 
     Batches are formed longest-first so rows of a batch have similar lengths; only the inner model runs.
+    ``prefetch`` is asked for each batch's image patches while the batch before it runs.
     """
     hidden_size = model.config.text_config.hidden_size
     out = torch.empty((len(items), hidden_size), dtype=torch.float32)
+    batches = length_sorted_batches(items, batch_size)
     with torch.inference_mode(), tqdm(total=len(items), disable=not progress, desc="documents", unit="item") as bar:
-        for rows in length_sorted_batches(items, batch_size):
+        for number, rows in enumerate(batches):
+            if prefetch is not None:
+                for ahead in batches[number : number + 2]:
+                    prefetch(ahead)
             out[[row.index for row in rows]] = _embed_rows(model, rows, make_batch, emb_token_id)
             bar.update(len(rows))
     return out

@@ -33,7 +33,7 @@ from .generation import (
     row_token_ids,
 )
 from .rows import Outputs, Running, longest_first, merge, select_rows
-from .stream import DecodeStream
+from .stream import DecodeStream, Prefetch
 
 
 @dataclass
@@ -65,6 +65,7 @@ class ReasoningDecoder:
         admission: bool = True,
         admit_fraction: float = 0.25,
         max_padding: float = 0.25,
+        prefetch: Prefetch | None = None,
     ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -77,6 +78,8 @@ class ReasoningDecoder:
         self.admit_at = max(1, int(batch_size * admit_fraction))
         self.max_padding = max_padding
         self.generation = generation
+        self.prefetch = prefetch
+        """Starts the image work of items about to be admitted, off this thread (None: done when batched)."""
 
     def run(self, items: Sequence[TokenizedItem], progress: bool = False) -> DecodeResult:
         """Decode all ``items`` (indexed 0..N-1); waiting queries are taken longest prompt first."""
@@ -93,9 +96,13 @@ class ReasoningDecoder:
                 bar.update(len(finished))
         return DecodeResult(embeddings, generated)
 
-    def stream(self, rows: int | None = None) -> DecodeStream:
-        """A running decode that takes queries at any step (``rows`` at most at once: the batch size)."""
-        return DecodeStream(self, rows)
+    def stream(self, rows: int | None = None, on_ready: Callable[[], None] | None = None) -> DecodeStream:
+        """A running decode that takes queries at any step (``rows`` at most at once: the batch size).
+
+        Without ``on_ready`` a step waits for the inputs it needs when nothing else can run; with it, a step
+        never waits, and ``on_ready`` is called (from a worker) when a waiting item's inputs are made.
+        """
+        return DecodeStream(self, rows, on_ready)
 
     def scores(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """float32 logits of the rows still decoding, from their last hidden states (R, D), after the

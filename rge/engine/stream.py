@@ -1,18 +1,21 @@
 """A running decode that takes queries at any step boundary: the loop behind ``ReasoningDecoder.run``,
 and what a server drives as requests come and go.
 
-Queries wait in arrival order. At a step boundary, once enough of the running batch is free (or when
-nothing runs), waiting queries are admitted: each takes a free output row, the newcomers are prefilled
-in groups of similar length and merged into the batch. Each ``step`` feeds every running row once and
-hands back the queries that finished in it, so a caller can answer as soon as its own queries are done.
+Queries wait in arrival order; the image work of the next ``rows`` of them is started in workers
+(``prefetch``) as they wait. At a step boundary, once enough of the running batch is free (or when
+nothing runs), waiting queries whose inputs are ready are admitted: each takes a free output row, the
+newcomers are prefilled in groups of similar length and merged into the batch. Each ``step`` feeds
+every running row once and hands back the queries that finished in it, so a caller can answer as soon
+as its own queries are done.
 A cancelled query leaves the batch before the next step. On out-of-memory, unfinished queries start
 again with half the rows (finished ones keep their results).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,9 @@ from .rows import Outputs, Running, length_groups, longest_first
 
 if TYPE_CHECKING:
     from .decoder import ReasoningDecoder
+
+Prefetch = Callable[[Sequence[TokenizedItem], Callable[[], None] | None], None]
+"""Starts making the inputs of these items in workers; the callback (if any) runs as each is ready."""
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,17 @@ class FinishedQuery:
 class DecodeStream:
     """Decodes the queries submitted to it, ``rows`` at most at once (default: the decoder's batch size).
 
-    Not thread-safe: one thread submits, cancels and steps (a server's engine loop).
+    Not thread-safe: one thread submits, cancels and steps (a server's engine loop). Without ``on_ready``
+    queries are admitted in arrival order, a step waiting for their inputs if they are not made yet, so a
+    run forms the same batches every time; with it, a step admits only queries whose inputs are ready and
+    never waits, and ``on_ready`` is called (from a worker) when inputs become ready.
     """
 
-    def __init__(self, decoder: ReasoningDecoder, rows: int | None = None) -> None:
+    def __init__(
+        self, decoder: ReasoningDecoder, rows: int | None = None, on_ready: Callable[[], None] | None = None
+    ) -> None:
         self.decoder = decoder
+        self._on_ready = on_ready
         self.rows = max(1, min(decoder.batch_size, rows or decoder.batch_size))
         hidden_size = int(decoder.model.config.text_config.hidden_size)
         self._outputs = Outputs.allocate(self.rows, hidden_size, decoder.max_new_tokens, decoder.model.device)
@@ -57,6 +69,14 @@ class DecodeStream:
     def busy(self) -> bool:
         """Whether any query waits or decodes."""
         return bool(self._waiting) or self._running is not None
+
+    @property
+    def can_step(self) -> bool:
+        """Whether ``step`` has work it can do now: rows decode, or a waiting query's inputs are ready (or it
+        would wait for them)."""
+        if self._running is not None:
+            return True
+        return bool(self._waiting) and (self._on_ready is None or any(self._ready(item) for _, item in self._waiting))
 
     @property
     def waiting(self) -> int:
@@ -80,6 +100,7 @@ class DecodeStream:
     def submit(self, queries: Iterable[tuple[Hashable, TokenizedItem]]) -> None:
         """Queue ``(key, item)`` pairs; keys must be unique among queries not yet finished."""
         self._waiting.extend(queries)
+        self._prefetch()
 
     def cancel(self, keys: Iterable[Hashable]) -> None:
         """Forget these queries, waiting or running; their rows leave the batch now."""
@@ -126,10 +147,30 @@ class DecodeStream:
 
     def _admit(self) -> None:
         free = self._limit - (0 if self._running is None else self._running.size)
-        newcomers = [self._take_row(*self._waiting.popleft()) for _ in range(min(free, len(self._waiting)))]
+        if self._on_ready is None:  # in arrival order, waiting for inputs if need be: the same batches every run
+            chosen = list(itertools.islice(self._waiting, free))
+        else:  # never wait: whoever is ready
+            chosen = [entry for entry in self._waiting if self._ready(entry[1])][:free]
+        if not chosen:
+            return
+        taken = {id(entry) for entry in chosen}
+        self._waiting = deque(entry for entry in self._waiting if id(entry) not in taken)
+        self._prefetch()
+        newcomers = [self._take_row(*entry) for entry in chosen]
         for group in length_groups(sorted(newcomers, key=longest_first), self.decoder.max_padding):
             prefilled = self.decoder._prefill(group, self._outputs)
             self._running = self.decoder._merge(self._running, prefilled, self.rows)
+
+    def _ready(self, item: TokenizedItem) -> bool:
+        """Whether ``item`` can be admitted without waiting (without prefetching, its inputs are made when
+        batched, so it always can)."""
+        return self.decoder.prefetch is None or item.ready()
+
+    def _prefetch(self) -> None:
+        """Start the input work of the next ``rows`` waiting queries."""
+        if self.decoder.prefetch is not None and self._waiting:
+            ahead = [item for _, item in itertools.islice(self._waiting, self.rows)]
+            self.decoder.prefetch(ahead, self._on_ready)
 
     def _take_row(self, key: Hashable, item: TokenizedItem) -> TokenizedItem:
         """Give a query a free output row; it becomes the index its batch row carries."""
@@ -159,3 +200,4 @@ class DecodeStream:
         self._limit = max(1, self._limit // 2)
         self._admit_at = max(1, min(self._admit_at, self._limit // 4))
         release_memory()
+        self._prefetch()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from ..engine.batching import ModelBatch, TokenizedItem, collate
-from ..images import VisionPreprocessor
 from .losses import IGNORE_INDEX
 
 
@@ -47,11 +46,11 @@ def unlabelled_sequence(item: TokenizedItem) -> TrainingSequence:
 
 
 def collate_training(
-    sequences: Sequence[TrainingSequence], pad_id: int, image_pad_id: int, vision: VisionPreprocessor
+    sequences: Sequence[TrainingSequence], pad_id: int, image_pad_id: int
 ) -> tuple[ModelBatch, torch.Tensor]:
     """Left-padded model inputs (as the query path pads them) and labels (B, T): the token id at labelled
     positions, ``IGNORE_INDEX`` elsewhere."""
-    batch = collate([sequence.item for sequence in sequences], pad_id, image_pad_id, vision)
+    batch = collate([sequence.item for sequence in sequences], pad_id, image_pad_id)
     labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
     for row, sequence in enumerate(sequences):
         if sequence.labelled:

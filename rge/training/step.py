@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
 from ..engine.forward import build_position_ids, forward_prompts
+from ..errors import RGEInputError
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
 from .data import BadRow, Side, TrainingDataError, TrainingExample
 from .distributed import world_size
@@ -163,15 +164,15 @@ def _prepare(encoder: RGEEncoder, side: Side, example: TrainingExample, *, reaso
     item = {"text": side.text} if side.image is None else {"text": side.text, "image": side.image}
     try:
         return encoder.prepare([item], reason=reason, exif_transpose=example.exif_transpose)[0]
-    except ValueError as error:  # RGEInputError: name the row, not the position in this call
-        raise TrainingDataError(f"{example.source}: {str(error).removeprefix('item 0: ')}") from error
+    except RGEInputError as error:  # name the row, not the position in this call
+        raise TrainingDataError(f"{example.source}: {error.reason}") from error
 
 
 def collate_pass(encoder: RGEEncoder, sequences: Sequence[TrainingSequence]) -> Pass:
     """``sequences`` as one left-padded pass on the encoder's device (``functools.partial`` it for
     ``backward_step``)."""
     checkpoint = encoder.checkpoint
-    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id, checkpoint.vision)
+    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id)
     return batch.to(encoder.device, encoder.dtype), labels.to(encoder.device)
 
 

@@ -134,7 +134,7 @@ def test_training_sequences_label_exactly_the_rationale_and_emb(encoder):
     rationale = checkpoint.tokenizer("It shows a cat.", add_special_tokens=False)["input_ids"]
     sequences = [query_sequence(prompts[0], rationale, emb), query_sequence(prompts[1], [], emb),
                  candidate_sequence(encoder.prepare(["a cat"], reason=False)[0], emb)]  # fmt: skip
-    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id, checkpoint.vision)
+    batch, labels = collate_training(sequences, checkpoint.pad_token_id, checkpoint.image_pad_id)
     assert labels[0][labels[0] != IGNORE_INDEX].tolist() == [*rationale, emb]
     assert labels[1][labels[1] != IGNORE_INDEX].tolist() == [emb]  # no rationale: <emb> alone
     assert labels[2][labels[2] != IGNORE_INDEX].tolist() == [emb]
