@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import uvicorn
 
+from rge.serving.server import make_server
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -35,9 +37,13 @@ def wait_until_healthy(url: str, alive: Callable[[], bool], timeout: float) -> N
 
 @contextmanager
 def live_server(app: Any, *, ready_timeout: float = 60.0) -> Iterator[str]:
-    """Yields the base URL once ``/health`` answers 200; stops the server afterwards."""
+    """Yields the base URL once ``/health`` answers 200; stops the server afterwards. An rge app runs under
+    ``rge serve``'s server (header deadline, bounded shutdown), any other app under plain uvicorn."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    if hasattr(app.state, "rge"):
+        server: uvicorn.Server = make_server(app, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

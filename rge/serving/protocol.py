@@ -8,6 +8,7 @@ that says what to change.
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from .settings import ServerSettings
 INPUT_TYPES = ("query", "document")
 ENCODING_FORMATS = ("float", "base64")
 _ITEM_KEYS = frozenset({"text", "image"})
+REQUEST_FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "input_type", "return_rationales",
+                  "prompt_name", "prompt")  # fmt: skip
+"""OpenAI's fields (``user`` is accepted and unused) and rge's; any other field is refused, as ``encode``
+refuses unknown keyword arguments, so that a misspelled option never goes unnoticed."""
 
 
 class APIError(Exception):
@@ -62,12 +67,27 @@ class EmbeddingRequest:
     input_type: str
     return_rationales: bool
     dimensions: int | None
+    prompt_name: str | None = None
+    prompt: str | None = None
+
+    @property
+    def reason(self) -> bool:
+        """Whether the items take the query path."""
+        return self.input_type == "query"
+
+    @property
+    def has_images(self) -> bool:
+        return any(item.image is not None for item in self.items)
 
 
 def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest:
     """A decoded JSON body -> an ``EmbeddingRequest``, or an APIError naming the field and item."""
     if not isinstance(payload, dict):
         raise invalid("the request body must be a JSON object", param=None)  # type: ignore[arg-type]
+    unknown = sorted(set(payload) - set(REQUEST_FIELDS))
+    if unknown:
+        raise invalid(f"unknown fields {show(unknown)}; this server takes {', '.join(REQUEST_FIELDS)}",
+                      param=unknown[0])  # fmt: skip
     if "input" not in payload:
         raise invalid("'input' is required")
     model = _optional(payload, "model", str)
@@ -75,8 +95,11 @@ def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest
     input_type = _choice(payload, "input_type", INPUT_TYPES, "document")
     return_rationales = _optional(payload, "return_rationales", bool) or False
     dimensions = _optional(payload, "dimensions", int)
+    _optional(payload, "user", str)
+    prompt_name, prompt = _optional(payload, "prompt_name", str), _optional(payload, "prompt", str)
     items = parse_input(payload["input"], settings.max_items_per_request)
-    return EmbeddingRequest(model, items, encoding_format, input_type, return_rationales, dimensions)
+    return EmbeddingRequest(model, items, encoding_format, input_type, return_rationales, dimensions, prompt_name,
+                            prompt)  # fmt: skip
 
 
 def parse_input(value: object, max_items: int) -> list[RequestItem]:
@@ -107,7 +130,7 @@ def _item(entry: object, index: int) -> RequestItem:
                       f"got {_json_type(entry)}", param=f"input[{index}]")  # fmt: skip
     unknown = set(entry) - _ITEM_KEYS
     if unknown:
-        raise invalid(f"input[{index}] has unknown keys {sorted(unknown)}; allowed: 'text', 'image'",
+        raise invalid(f"input[{index}] has unknown keys {show(sorted(unknown))}; allowed: 'text', 'image'",
                       param=f"input[{index}]")  # fmt: skip
     text = entry.get("text", "")
     if text is None:
@@ -135,8 +158,14 @@ def _choice(payload: dict[str, Any], key: str, choices: Sequence[str], default: 
     if value is None:
         return default
     if value not in choices:
-        raise invalid(f"'{key}' must be one of {', '.join(map(repr, choices))}, got {value!r}", param=key)
+        raise invalid(f"'{key}' must be one of {', '.join(map(repr, choices))}, got {show(value)}", param=key)
     return str(value)
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A client's value as JSON, shortened: how messages quote what a client sent."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _json_type(value: object) -> str:

@@ -1,5 +1,9 @@
 """The engine loop: one thread owns the model; requests hand it items and await their own results.
 
+The thread only runs the model. Items arrive prepared (``preparation.py``); the patches of their images
+are made by the encoder's input workers while the items wait (``InputPipeline.prefetch``), and an item
+is admitted only once they are ready: a worker that finishes some wakes the loop.
+
 Queries of all requests share one ``DecodeStream``: a query that arrives while others decode is admitted
 at a step boundary, and a request is answered as soon as its own queries are finished. Documents of
 concurrent requests wait up to ``batch_wait`` seconds (or until a full batch waits) to share a forward
@@ -58,6 +62,7 @@ class _Cancel:
 
 
 _STOP = object()
+_WAKE = object()  # some waiting item's inputs are ready
 
 
 class Scheduler:
@@ -90,6 +95,17 @@ class Scheduler:
             self.metrics.accepted_items.set(self._accepted)
             return True
 
+    def release(self, count: int) -> None:
+        """Give back ``count`` reserved items that will not be submitted (their request failed first)."""
+        with self._lock:
+            self._accepted -= count
+            self.metrics.accepted_items.set(self._accepted)
+
+    @property
+    def accepted(self) -> int:
+        """Items reserved and not yet finished."""
+        return self._accepted
+
     def submit(self, items: Sequence[TokenizedItem], reason: bool) -> tuple[int, asyncio.Future[JobResult]]:
         """Hand reserved, prepared items (indexed 0..N-1) to the engine; call from the event loop."""
         loop = asyncio.get_running_loop()
@@ -115,20 +131,24 @@ class Scheduler:
                     self._accept(message, stream)
                 if self._documents_due():
                     self._embed_documents()
-                if stream.busy:
+                if stream.can_step:
                     stream = self._step(stream)
                 self.metrics.queue_depth.set(stream.waiting + len(self._documents))
                 self.metrics.running_queries.set(stream.running)
 
     def _new_stream(self) -> DecodeStream:
-        return self.encoder.query_decoder(self.settings.batch_size).stream()  # type: ignore[no-any-return]
+        return self.encoder.query_decoder(self.settings.batch_size).stream(on_ready=self._wake)  # type: ignore[no-any-return]
+
+    def _wake(self) -> None:
+        self._inbox.put(_WAKE)
 
     def _wait_time(self, stream: DecodeStream) -> float | None:
-        """How long the loop may block on its inbox: not at all while decoding, until the oldest
-        document's wait ends when documents wait, else until something arrives."""
-        if stream.busy:
+        """How long the loop may block on its inbox: not at all while it can decode, until the oldest
+        document's wait ends when ready documents wait, else until something arrives (a request, a
+        cancellation, or inputs made ready)."""
+        if stream.can_step:
             return 0.0
-        if self._documents:
+        if self._ready_documents():
             return max(0.0, self._documents[0][2] + self.settings.batch_wait - time.monotonic())
         return None
 
@@ -143,12 +163,14 @@ class Scheduler:
         return messages
 
     def _accept(self, message: Any, stream: DecodeStream) -> None:
+        if message is _WAKE:
+            return
         if isinstance(message, _Cancel):
             job = self._jobs.pop(message.job_id, None)
             if job is not None:
                 stream.cancel((job.id, position) for position in range(len(job.items)))
                 self._documents = deque(entry for entry in self._documents if entry[0][0] != job.id)
-                self._release(job.remaining)
+                self.release(job.remaining)
             return
         job = message
         job.vectors, job.generated, job.remaining = [None] * len(job.items), [[] for _ in job.items], len(job.items)
@@ -158,6 +180,17 @@ class Scheduler:
         else:
             now = time.monotonic()
             self._documents.extend(((job.id, item.index), item, now) for item in job.items)
+            self._prefetch_documents()
+
+    def _prefetch_documents(self) -> None:
+        """Start the image work of the next two batches of documents."""
+        ahead = [item for _, item, _ in itertools.islice(self._documents, 2 * self.settings.batch_size)]
+        self.encoder.inputs.prefetch(ahead, self._wake)
+
+    def _ready_documents(self) -> list[tuple[tuple[int, int], TokenizedItem, float]]:
+        """The first batch of waiting documents whose inputs are ready, in arrival order."""
+        ready = (entry for entry in self._documents if entry[1].ready())
+        return list(itertools.islice(ready, self.settings.batch_size))
 
     def _documents_due(self) -> bool:
         if not self._documents:
@@ -166,7 +199,12 @@ class Scheduler:
         return full or time.monotonic() - self._documents[0][2] >= self.settings.batch_wait
 
     def _embed_documents(self) -> None:
-        taken = [self._documents.popleft() for _ in range(min(self.settings.batch_size, len(self._documents)))]
+        taken = self._ready_documents()
+        if not taken:
+            return
+        chosen = {entry[0] for entry in taken}
+        self._documents = deque(entry for entry in self._documents if entry[0] not in chosen)
+        self._prefetch_documents()
         items = [replace(item, index=row) for row, (_, item, _) in enumerate(taken)]
         self.metrics.batch_size.labels("documents").observe(len(items))
         try:
@@ -201,7 +239,7 @@ class Scheduler:
             return
         job.vectors[position], job.generated[position] = vector, generated
         job.remaining -= 1
-        self._release(1)
+        self.release(1)
         if job.remaining:
             return
         del self._jobs[job_id]
@@ -212,7 +250,7 @@ class Scheduler:
         job = self._jobs.pop(job_id, None)
         if job is None:
             return
-        self._release(job.remaining)
+        self.release(job.remaining)
         self._documents = deque(entry for entry in self._documents if entry[0][0] != job_id)
         if not isinstance(error, APIError):
             error = APIError(500, f"the engine failed on this request ({type(error).__name__})", kind="server_error")
@@ -221,11 +259,6 @@ class Scheduler:
     def _fail_all(self, error: APIError) -> None:
         for job_id in list(self._jobs):
             self._fail(job_id, error)
-
-    def _release(self, count: int) -> None:
-        with self._lock:
-            self._accepted -= count
-            self.metrics.accepted_items.set(self._accepted)
 
 
 def _resolve(job: _Job, *, result: JobResult | None = None, error: Exception | None = None) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from rge.serving import ServerSettings, create_app
@@ -22,7 +23,9 @@ MODEL = "rge-tiny"
 
 @contextmanager
 def running_server(encoder: Any, **settings: Any) -> Iterator[tuple[str, Any]]:
-    """(base URL, the app's state) of a server with these settings over ``encoder``."""
+    """(base URL, the app's state) of a server with these settings over ``encoder`` (torch keeps the threads
+    it has: the test session's other tests share this process)."""
+    settings.setdefault("torch_threads", torch.get_num_threads())
     app = create_app(ServerSettings(model_names=(MODEL,), **settings), lambda: encoder)
     with live_server(app) as url:
         yield url, app.state.rge

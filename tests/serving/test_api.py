@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from ..test_candidates import cosine
 from .conftest import MODEL, b64, in_thread, png_bytes, running_server
@@ -49,7 +50,7 @@ def test_images_as_base64_and_data_uris_count_their_tokens(client, encoder):
     got = client.embeddings.create(model=MODEL, input=inputs, extra_body={"input_type": "query"})
     items = [{"text": "What is this?", "image": red}, {"image": blue}, "plain text"]
     expected = encoder.encode_query(items)
-    assert [cosine(e, g.embedding) for e, g in zip(expected, got.data)] >= [0.9999] * 3
+    assert len(got.data) == 3 and all(cosine(e, g.embedding) >= 0.9999 for e, g in zip(expected, got.data))
     image_tokens = sum(len(item) for item in encoder.prepare(items[:2], reason=True))
     assert got.usage.prompt_tokens > image_tokens > 64  # the images' visual tokens are counted
 
@@ -85,7 +86,7 @@ BAD_REQUESTS = [
     ({"input": [[1, 2, 3]]}, 400, "check_embedding_ctx_length=False", "input"),
     ({"input": [1, 2, 3]}, 400, "token-id input", "input"),
     ({"input": ["ok", 5]}, 400, "input[1] must be a string or an object", "input[1]"),
-    ({"input": [{"text": "a", "img": "x"}]}, 400, "unknown keys ['img']", "input[0]"),
+    ({"input": [{"text": "a", "img": "x"}]}, 400, 'unknown keys ["img"]', "input[0]"),
     ({"input": ["ok", {"text": 7}]}, 400, "input[1].text must be a string", "input[1].text"),
     ({"input": ["ok", {"image": "%%%"}]}, 400, "input[1].image: image must be base64", "input[1].image"),
     (
@@ -94,8 +95,8 @@ BAD_REQUESTS = [
         "input[1].image: image cannot be decoded",
         "input[1].image",
     ),
-    ({"input": ["ok", "look: <|image_1|>"]}, 400, "input[1]: text has an image marker but no image", "input"),
-    ({"input": ["ok", ""]}, 400, "input[1]: empty text and no image", "input"),
+    ({"input": ["ok", "look: <|image_1|>"]}, 400, "input[1]: text has an image marker but no image", "input[1]"),
+    ({"input": ["ok", ""]}, 400, "input[1]: empty text and no image", "input[1]"),
     ({"input": "a", "input_type": "passage"}, 400, "'input_type' must be one of", "input_type"),
     ({"input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be one of", "encoding_format"),
     ({"input": "a", "dimensions": 8}, 400, "'dimensions' must be 64", "dimensions"),
@@ -137,7 +138,8 @@ def test_health_is_not_ready_until_the_model_is_loaded(encoder):
     from ..live_server import free_port
 
     release = threading.Event()
-    app = create_app(ServerSettings(model_names=(MODEL,)), lambda: release.wait(30) and encoder)
+    settings = ServerSettings(model_names=(MODEL,), torch_threads=torch.get_num_threads())
+    app = create_app(settings, lambda: release.wait(30) and encoder)
     import uvicorn
 
     port = free_port()
@@ -217,6 +219,34 @@ def test_decoded_image_pixel_limit(encoder):
         assert "101x100 pixels; this server accepts at most 10000" in response.json()["error"]["message"]
         small = {"input": [{"text": "x", "image": b64(png_bytes((1, 2, 3), (100, 100)))}]}
         assert httpx.post(f"{url}/v1/embeddings", json=small).status_code == 200
+
+
+def test_a_requests_images_share_one_pixel_budget(encoder):
+    with running_server(encoder, max_request_pixels=15_000) as (url, _):
+        image = b64(png_bytes((1, 2, 3), (100, 100)))
+        response = httpx.post(f"{url}/v1/embeddings", json={"input": [{"image": image}, {"image": image}]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "input[1].image"
+        assert "more than 15000 pixels together" in response.json()["error"]["message"]
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": [{"image": image}]}).status_code == 200
+
+
+def test_prompts_by_name_or_text_and_the_operators_defaults(encoder):
+    text = "What colour is the car?"
+    vqa = encoder.encode_query(text, prompt_name="vqa")
+    literal = encoder.encode_query(text, prompt="Answer briefly: ")
+    plain_document = encoder.encode_document(text)
+    with running_server(encoder, query_prompt_name="vqa") as (url, _):
+
+        def query(**fields):
+            body = {"input": text, "input_type": "query", **fields}
+            return httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).json()["data"][0]["embedding"]
+
+        assert cosine(vqa, query()) >= 0.9999  # the operator's default for queries
+        assert cosine(vqa, query(prompt_name="vqa_query")) >= 0.9999
+        assert cosine(literal, query(prompt="Answer briefly: ")) >= 0.9999  # a request's own prompt wins
+        assert cosine(vqa, literal) < 0.9999  # (the prompts make a difference)
+        document = httpx.post(f"{url}/v1/embeddings", json={"input": text}).json()["data"][0]["embedding"]
+        assert cosine(plain_document, document) >= 0.9999  # no default for documents
 
 
 def test_api_key_guards_every_route_but_health(encoder, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import httpx
@@ -145,3 +146,37 @@ def test_request_timeout_answers_504_and_frees_the_batch(encoder, slow_steps):
         stopped_at = len(steps)
         time.sleep(0.3)
         assert len(steps) == stopped_at
+
+
+def test_the_engine_thread_only_runs_the_model(encoder, monkeypatch):
+    """Decoding, resizing, patching and tokenizing happen in the input workers, never on the engine thread
+    nor on the event loop, for queries and documents alike."""
+    from rge.images import VisionPreprocessor
+    from rge.serving import preparation
+    from rge.tokenization import PromptTokenizer
+
+    threads: dict[str, set[str]] = {}
+
+    def spy(owner, name):
+        original = getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            threads.setdefault(name, set()).add(threading.current_thread().name.rsplit("_", 1)[0])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+
+    for owner, name in ((VisionPreprocessor, "prepare"), (VisionPreprocessor, "patches"), (preparation, "open_image"),
+                        (PromptTokenizer, "__call__")):  # fmt: skip
+        spy(owner, name)
+    picture = b64(png_bytes((200, 40, 90), (120, 80)))
+    with running_server(encoder, batch_size=4) as (url, _):
+        bodies = [{"input": [{"text": f"photo {n}", "image": picture}] * 3, "input_type": side}
+                  for n in range(4) for side in ("query", "document")] + [{"input": "text only"}]  # fmt: skip
+        outcomes = [in_thread(lambda body=body: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60))
+                    for body in bodies]  # fmt: skip
+        for thread, outcome in outcomes:
+            thread.join(60)
+            assert outcome["result"].status_code == 200
+    assert threads == {"open_image": {"rge-images"}, "prepare": {"rge-images"}, "patches": {"rge-inputs"},
+                       "__call__": {"rge-images", "rge-text"}}  # fmt: skip
