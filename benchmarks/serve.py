@@ -1,7 +1,9 @@
-"""rge serve under concurrent query load, against a naive server that wraps ``encode`` one request at a time.
+"""rge serve under concurrent query load, against a naive server that wraps ``encode`` one request at a time;
+or (``--workload images``) rge serve under image-heavy traffic, before and after a change.
 
     python benchmarks/serve.py --clients 32 --requests 256
     python benchmarks/serve.py --model MCG-NJU/RGE --device cuda --clients 64 --requests 512
+    python benchmarks/serve.py --workload images --clients 8 --requests 64 --baseline-ref 4b553f5
 
 Both servers run the same encoder in this process (uvicorn on 127.0.0.1), and the same closed-loop
 clients (each sends its next request when the previous one is answered) send one query per request,
@@ -9,6 +11,7 @@ taken from a pool of varied questions. The naive server is what one writes aroun
 then ``encode_query`` of the request's items. rge's server shares one running decode batch among all
 requests. Prints requests/s, p50/p99 latency and the ratios, and checks both return the same vectors.
 Without ``--model`` a random checkpoint of ``rge.testing`` is built (its rationales stop at varied steps).
+The image workload is described in ``image_traffic.py``.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import image_traffic  # noqa: E402
 
 from rge import RGEEncoder  # noqa: E402
 from rge.serving import ServerSettings, create_app  # noqa: E402
@@ -99,6 +105,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="rge serve's running batch")
     parser.add_argument("--budget", type=int, default=32, help="max_new_tokens")
     parser.add_argument("--output", help="write the numbers as JSON here")
+    parser.add_argument("--workload", choices=("queries", "images"), default="queries",
+                        help="images: half the queries carry a 1-12 MP photo, with a probe of small requests")  # fmt: skip
+    parser.add_argument("--baseline-ref", help="images: also serve from this git ref, for a before/after table")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -108,14 +117,17 @@ def main() -> None:
 
             model = str(build_tiny_checkpoint(scratch, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                               intermediate_size=2 * args.hidden, emb_budget=args.budget))  # fmt: skip
+        texts = [ask.format(subject) for subject in SUBJECTS for ask in ASKS]
+        if args.workload == "images":
+            return images_workload(model, texts, args)
         encoder = RGEEncoder.from_pretrained(model, device=args.device, max_new_tokens=args.budget)
-    texts = [ask.format(subject) for subject in SUBJECTS for ask in ASKS]
     texts = [texts[i % len(texts)] for i in range(args.requests)]
     _, rationales = encoder.encode_query(texts[: len(SUBJECTS) * len(ASKS)], return_rationales=True)
     lengths = rationales.num_generated_tokens
     results = {}
     servers = {"naive": naive_app(encoder),
-               "rge": create_app(ServerSettings(batch_size=args.batch_size), lambda: encoder)}  # fmt: skip
+               "rge": create_app(ServerSettings(batch_size=args.batch_size, torch_threads=torch.get_num_threads()),
+                                 lambda: encoder)}  # both servers run the model with the same threads  # fmt: skip
     vectors = {}
     for name, app in servers.items():
         with live_server(app) as url:
@@ -139,6 +151,16 @@ def main() -> None:
         print(f"| {name} | {row['requests_per_s']:.1f} | {row['p50_s'] * 1000:.0f} ms | {row['p99_s'] * 1000:.0f} ms |")
     print(f"\nrge / naive: {report['throughput_ratio']:.1f}x requests/s, p50 {report['p50_ratio']:.1f}x lower, "
           f"p99 {report['p99_ratio']:.1f}x lower; vectors agree (min cosine {agreement:.6f})")  # fmt: skip
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def images_workload(model: str, texts: list[str], args: argparse.Namespace) -> None:
+    report = {"model": args.model or f"rge.testing hidden={args.hidden} layers={args.layers}", "device": args.device,
+              "clients": args.clients, "requests": args.requests, "batch_size": args.batch_size, "budget": args.budget,
+              **image_traffic.run(model, texts, args)}  # fmt: skip
+    print(json.dumps(report, indent=2))
+    print("\n" + image_traffic.table(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
