@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32, help="max_new_tokens")
     parser.add_argument("--output", help="write the numbers as JSON here")
     parser.add_argument("--workload", choices=("queries", "images"), default="queries",
-                        help="images: half the queries carry a 1-12 MP photo, with a probe of small requests")  # fmt: skip
+                        help="images: half the queries carry a 1-12 MP photo, a probe sends small ones")  # fmt: skip
     parser.add_argument("--baseline-ref", help="images: also serve from this git ref, for a before/after table")
     args = parser.parse_args()
 

@@ -39,7 +39,7 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
     unreadable, empty or unsupported image.
     """
     if isinstance(image, Image.Image):
-        opened = image
+        opened = load_pil(image, index)
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
         opened = _open(io.BytesIO(fetch_url(image, index)), index, f"image at {image!r}")
     elif isinstance(image, (np.ndarray, torch.Tensor)):
@@ -105,6 +105,16 @@ def from_array(array: np.ndarray | torch.Tensor, index: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels.astype(np.uint8)))
 
 
+def load_pil(image: Image.Image, index: int) -> Image.Image:
+    """A caller's PIL image with its pixels decoded (a lazily opened file is read now, not in a worker that
+    might share it with another); RGEInputError naming ``index`` if its data is corrupt."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise RGEInputError(f"PIL image cannot be decoded ({exc})", index, "image") from None
+    return image
+
+
 def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:
     try:
         opened = Image.open(source)
@@ -146,7 +156,9 @@ class PreparedImage:
     kept, so an item waiting in a queue holds the resized image only.
     """
 
-    def __init__(self, resized: Image.Image, patch_size: int, merge_size: int, to_patches: Any) -> None:
+    def __init__(
+        self, resized: Image.Image, patch_size: int, merge_size: int, to_patches: Callable[[Image.Image], torch.Tensor]
+    ) -> None:
         self.resized = resized
         self.grid = (1, resized.height // patch_size, resized.width // patch_size)
         self.tokens = self.grid[1] * self.grid[2] // merge_size**2
@@ -166,9 +178,9 @@ class PreparedImage:
         with self._lock:
             if self._pending is not None:
                 return
-            self._pending = executor.submit(self._compute, convert)
+            pending = self._pending = executor.submit(self._compute, convert)
         if on_ready is not None:
-            self._pending.add_done_callback(lambda _: on_ready())
+            pending.add_done_callback(lambda _: on_ready())
 
     def ready(self) -> bool:
         """Whether the patches are computed (so taking them does not wait)."""
@@ -180,7 +192,9 @@ class PreparedImage:
         else computed now. They are not kept: a later call computes them again."""
         with self._lock:
             pending, self._pending = self._pending, None
-        return self._compute(None) if pending is None else pending.result()
+        if pending is not None and not pending.cancelled() and pending.exception() is None:
+            return pending.result()
+        return self._compute(None)  # not prefetched, or the prefetch failed (pinned memory, say): plainly now
 
     def _compute(self, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         patches: torch.Tensor = self._to_patches(self.resized)
@@ -222,11 +236,6 @@ class VisionPreprocessor:
                 f"image of size {image.width}x{image.height} is not usable: {exc}", index, "image"
             ) from None
         return width, height
-
-    def token_count(self, image: Image.Image, index: int) -> int:
-        """Visual tokens the model will see for ``image`` (after 2x2 merging), from its size alone."""
-        width, height = self.resized_size(image, index)
-        return (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
 
     def prepare(self, image: Image.Image, index: int) -> PreparedImage:
         """``image`` (RGB) resized as the processor resizes it; its patches come later (``PreparedImage``)."""

@@ -9,7 +9,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import RGEInputError
-from .images import load_image
+from .images import load_image, load_pil
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, VISION_BLOCK, count_image_slots, place_image
 from .types import EncodeInput, ImageInput
 
@@ -28,7 +28,7 @@ def split_inputs(
     texts: EncodeInput | None, images: Sequence[ImageInput | None] | ImageInput | None = None
 ) -> tuple[list[tuple[str, ImageInput | None]], bool]:
     """The ``(text, image)`` pairs of ``encode``'s inputs, and whether the input was single; cheap checks only
-    (types, counts, reserved tokens), nothing decoded yet.
+    (types, counts, reserved tokens), nothing decoded yet but PIL images opened lazily by the caller.
 
     ``texts`` may be a str or dict (one item), or any sequence or iterable of them (list, tuple, numpy
     array, pandas Series, generator); ``None`` with ``images`` embeds the images alone. Every problem
@@ -45,6 +45,9 @@ def split_inputs(
     pairs = [_split_entry(entry, index) for index, entry in enumerate(entries)]
     if images is not None:
         pairs = _attach_images(pairs, [images] if single and not _is_image_list(images) else images)
+    for index, (_, image) in enumerate(pairs):
+        if isinstance(image, Image.Image):
+            load_pil(image, index)  # the caller's objects: read here, never by two workers at once
     return pairs, single
 
 

@@ -33,7 +33,7 @@ from .tokenization import PromptTokenizer
 from .types import ImageInput
 
 CHUNK = 8
-"""Items one worker prepares at a time (their prompts are tokenized in one call)."""
+"""Items one worker prepares at a time."""
 
 
 class InputPipeline:
@@ -57,6 +57,7 @@ class InputPipeline:
 
     @property
     def executor(self) -> Executor:
+        """The pool of workers (started when first used)."""
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="rge-inputs")
@@ -103,24 +104,32 @@ class InputPipeline:
         prompt: str = "",
         first: int = 0,
     ) -> list[TokenizedItem]:
-        """``(text, image)`` pairs as items ``first``, ``first + 1``, ... prepared in this thread."""
-        items = [make_item(text, image, first + row, exif_transpose, prompt) for row, (text, image) in enumerate(pairs)]
-        images = [None if item.image is None else self.vision.prepare(item.image, first + row)
-                  for row, item in enumerate(items)]  # fmt: skip
+        """``(text, image)`` pairs as items ``first``, ``first + 1``, ... prepared in this thread, one item
+        after another (so the error raised is the first bad item's)."""
         render = self.template.query if reason else self.template.candidate
-        try:
-            tokenized = self.tokenizer(
-                [render(item.text) for item in items], images, max_length, budget if reason else 0
-            )
-        except RGEInputError as error:
-            raise RGEInputError(error.reason, first + (error.index or 0)) from None
-        return [TokenizedItem(first + item.index, item.input_ids, item.image) for item in tokenized]
+        items = []
+        for index, (text, image) in enumerate(pairs, start=first):
+            item = make_item(text, image, index, exif_transpose, prompt)
+            prepared = None if item.image is None else self.vision.prepare(item.image, index)
+            try:
+                (tokenized,) = self.tokenizer([render(item.text)], [prepared], max_length, budget if reason else 0)
+            except RGEInputError as error:
+                raise RGEInputError(error.reason, index, error.part) from None
+            items.append(TokenizedItem(index, tokenized.input_ids, prepared))
+        return items
 
     def prefetch(self, items: Sequence[TokenizedItem], on_ready: Callable[[], None] | None = None) -> None:
         """Start making the patches of ``items``' images in the workers (``on_ready`` is called as each is done)."""
         for item in items:
             if isinstance(item.image, PreparedImage):
                 item.image.prefetch(self.executor, self._convert, on_ready)
+
+    def close(self) -> None:
+        """Stop the workers, dropping queued work (a later call starts new ones)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _pinned(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:

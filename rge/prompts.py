@@ -102,6 +102,12 @@ def resolve_prompt(prompt: str | None, prompt_name: str | None, reason: bool) ->
     if prompt is not None:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+        if EMB_TOKEN in prompt:
+            raise ValueError(f"prompt contains the reserved token {EMB_TOKEN}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"prompt is not valid Unicode ({exc.reason} at position {exc.start})") from None
         return prompt
     if prompt_name is None:
         return ""
@@ -111,5 +117,5 @@ def resolve_prompt(prompt: str | None, prompt_name: str | None, reason: bool) ->
             return TASK_PROMPTS[name]
     tasks = sorted({name.rsplit("_", 1)[0] for name in TASK_PROMPTS})
     raise ValueError(
-        f"unknown prompt_name {prompt_name!r}; tasks: {', '.join(tasks)} (or a full name like 'vqa_query')"
+        f'unknown prompt_name "{prompt_name}"; tasks: {", ".join(tasks)} (or a full name like "vqa_query")'
     )

@@ -8,6 +8,7 @@ that one unsafe). The ids equal the wrapper's ``tokenizer(prompts, add_special_t
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,8 +18,8 @@ from .images import PreparedImage
 
 TAIL_CHARACTERS = 64
 """Characters at the end of a cut prompt whose words may tokenize differently once the text goes on (a
-word cut in two, an added token cut in two, Unicode normalisation across the cut); longer than any added
-token."""
+word cut in two, an added token cut in two); longer than any added token. The tail also takes any run of
+whitespace or combining marks that reaches it, and the word before that run (see ``_tail_start``)."""
 
 
 class PromptTokenizer:
@@ -34,6 +35,8 @@ class PromptTokenizer:
         self.image_pad_id = image_pad_id
         self._longest_token = max(len(token) for token in backend.get_vocab())
         """The most characters one token covers (byte-level vocabularies spell one byte per character)."""
+        self._nfc_or_none = backend.normalizer is None or type(backend.normalizer).__name__ == "NFC"
+        """Whether the text the tokenizer splits is the text as given, or its NFC (Qwen2's tokenizer)."""
 
     def __call__(
         self, prompts: Sequence[str], images: Sequence[PreparedImage | None], max_length: int, budget: int = 0
@@ -60,15 +63,17 @@ class PromptTokenizer:
     def lower_bound(self, prompt: str, limit: int) -> int | None:
         """A count of tokens ``prompt`` has at least, when that count is over ``limit``; None otherwise.
 
-        Two bounds, each cheap: characters over the longest token; and the tokens of a cut prompt that
-        lie before its last words (words are split by a regular expression that looks one character
-        ahead, and each is tokenized on its own, so those tokens are the full prompt's too). The cut
-        grows until the bound passes ``limit`` or reaches the whole prompt, so at most about twice the
-        text that fits is tokenized.
+        Two bounds, each cheap: the text's UTF-8 bytes over the longest token's (when the text is already
+        in NFC, which normalisation leaves as it is; typical text is, and ASCII always); and the tokens
+        of a cut prompt that lie before its tail (``_tail_start``): the words before it are split and
+        tokenized as in the whole prompt, each on its own, so their tokens are the whole prompt's too.
+        The cut grows until the bound passes ``limit`` or reaches the whole prompt, so at most about twice
+        the text that fits is tokenized (a text with no word boundaries, one run of letters, is tokenized
+        whole: no cut of it is certain).
         """
         if len(prompt) <= 2 * (limit + TAIL_CHARACTERS):
             return None  # short enough to tokenize whole
-        by_length = -(-len(prompt) // self._longest_token)
+        by_length = -(-_normalized_bytes(prompt) // self._longest_token) if self._nfc_or_none else 0
         if by_length > limit:
             return by_length
         cut = 2 * (limit + TAIL_CHARACTERS)
@@ -81,8 +86,8 @@ class PromptTokenizer:
 
     def _tokens_before_tail(self, part: str) -> int:
         encoding = self._backend.encode(part, add_special_tokens=False)
-        start = len(part) - TAIL_CHARACTERS
-        word = encoding.char_to_word(start)
+        start = _tail_start(part)
+        word = encoding.char_to_word(start) if start < len(part) else None
         span = None if word is None else encoding.word_to_chars(word)
         start = start if span is None else span[0]
         for position in range(start, len(part)):
@@ -96,6 +101,28 @@ class PromptTokenizer:
             return ids
         slot = ids.index(self.image_pad_id)
         return ids[:slot] + [self.image_pad_id] * image.tokens + ids[slot + 1 :]
+
+
+def _normalized_bytes(text: str) -> int:
+    """The UTF-8 bytes of ``text`` as the tokenizer's NFC leaves it, when that costs nothing to know (0 when
+    the text would change: normalising all of it would hold the interpreter lock too long)."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8")) if unicodedata.is_normalized("NFC", text) else 0
+
+
+def _tail_start(part: str) -> int:
+    """Where the tail of a cut prompt starts: ``TAIL_CHARACTERS`` from its end, moved back over any run of
+    whitespace or combining marks that reaches there, and one character more (its word is the tail's).
+
+    Words before it end the same way in the whole prompt: a word's end depends on what follows it only
+    through whitespace (the split expression's ``\\s*[\\r\\n]+`` looks across a whole run of it) and
+    through combining marks (Unicode normalisation reorders and composes across a run of them).
+    """
+    start = max(0, len(part) - TAIL_CHARACTERS)
+    while start > 0 and (part[start - 1].isspace() or unicodedata.category(part[start - 1]).startswith("M")):
+        start -= 1
+    return max(0, start - 1)
 
 
 def _too_long(tokens: str, budget: int, max_length: int) -> str:

@@ -198,7 +198,6 @@ def test_default_pixel_budget_caps_a_huge_image(tiny_path):
     prepared = vision.prepare(huge, 0)
     tokens = prepared.grid[1] * prepared.grid[2] // 4
     assert 256 <= tokens == prepared.tokens <= 1024
-    assert tokens == vision.token_count(huge, 0)
     assert prepared.take_pixel_values().shape[0] == prepared.grid[1] * prepared.grid[2]
     assert vision.prepare(make_test_image(40, 30, seed=9), 0).tokens >= 256
     vector = encoder.encode_document("a huge photo", images=[huge])

@@ -4,6 +4,7 @@ tokenizing a part of it, and ``encode`` does its image work in the workers, a ba
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -32,7 +33,7 @@ def test_resize_then_patch_equals_the_processor_in_one_call(encoder, size, budge
                          return_tensors="pt")  # fmt: skip
     prepared = vision.prepare(image, 0)
     assert list(prepared.grid) == one_call["image_grid_thw"][0].tolist()
-    assert prepared.tokens == vision.token_count(image, 0)
+    assert prepared.tokens == prepared.grid[1] * prepared.grid[2] // 4
     assert torch.equal(prepared.take_pixel_values(), one_call["pixel_values"])
 
 
@@ -74,8 +75,9 @@ def test_the_private_tokenizer_gives_the_wrappers_ids(encoder):
     assert [tokenizer.decode(ids) for ids in expected] == [wrapper.decode(ids) for ids in expected]
 
 
-WORDS = st.sampled_from(["cat", " dog", "  ", "\n", "\n\n ", "123", "4", "!?", " é", "e\u0301", "東京", "<|im_start|>",
-                         "<|im_end|>", "<|vision_start|>", "aaaaaaaaaaaaaaaa", " the", "'s", "--", "\t"])  # fmt: skip
+WORDS = st.sampled_from(["cat", " dog", "  ", "\n", "\n\n ", "123", "4", "!?", " é", "e\u0301", "東京",
+                         "<|im_start|>", "<|im_end|>", "<|vision_start|>", "a" * 16, " the", "'s", "--", "\t",
+                         " " * 90, "\u0316" * 70])  # fmt: skip
 
 
 @given(parts=st.lists(WORDS, min_size=150, max_size=400), shift=st.integers(1, 40))
@@ -89,6 +91,74 @@ def test_the_lower_bound_never_exceeds_the_true_count(encoder, parts, shift):
     assert bound is None or limit < bound <= true_count
 
 
+def _byte_characters() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte's character in a byte-level vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [byte for byte in range(256) if byte not in printable]
+    return {**{byte: chr(byte) for byte in printable}, **{byte: chr(256 + n) for n, byte in enumerate(extra)}}
+
+
+def qwen_like_tokenizer(words: list[str]) -> object:
+    """A byte-level BPE with Qwen2's split expression and NFC, whose merges spell each of ``words`` (and
+    runs of up to 256 of a word's last symbol) as few tokens: a vocabulary built to make cuts matter."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    characters = _byte_characters()
+    vocab = {character: index for index, character in enumerate(characters.values())}
+    merges: list[tuple[str, str]] = []
+
+    def add(left: str, right: str) -> str:
+        if left + right not in vocab:
+            vocab[left + right] = len(vocab)
+            merges.append((left, right))
+        return left + right
+
+    for word in words:
+        symbols = ["".join(characters[b] for b in ch.encode()) for ch in word]
+        for symbol in symbols:  # a multi-byte character first becomes one token
+            for position in range(2, len(symbol) + 1):
+                add(symbol[: position - 1], symbol[position - 1])
+        merged = symbols[-1]
+        for symbol in reversed(symbols[:-1]):  # then the word from its end: symbol + (rest)
+            merged = add(symbol, merged)
+        run = symbols[-1]
+        for _ in range(8):  # doublings of the last symbol
+            run = add(run, run)
+    split = json.loads(_tiny_split())
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    return type("Wrapper", (), {"backend_tokenizer": tokenizer})()
+
+
+def _tiny_split() -> str:
+    from rge.testing import build_tiny_tokenizer
+
+    config = json.loads(build_tiny_tokenizer().backend_tokenizer.to_str())
+    return json.dumps(config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"])
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("\n" * 20 + " " * 200 + "\n", ["\n" * 20 + " ", " "]),  # the split expression looks across whitespace
+        ("b" * 20 + "a" + "\u0316" * 200 + "\u0301", ["b" * 20 + "\u00e1", "\u0316"]),  # NFC composes across marks
+    ],
+    ids=["whitespace-run", "combining-marks"],
+)
+def test_the_lower_bound_holds_where_a_cut_changes_earlier_words(text, words):
+    wrapper = qwen_like_tokenizer(words)
+    tokenizer = PromptTokenizer(wrapper, image_pad_id=0)
+    true_count = len(wrapper.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+    assert true_count <= 10  # built so: a cut prompt's first word tokenizes into many more tokens
+    bound = tokenizer.lower_bound(text, 10)
+    assert bound is None or bound <= true_count
+    assert len(tokenizer([text], [None], max_length=10)[0].input_ids) == true_count
+
+
 def test_a_text_far_over_the_limit_is_refused_after_tokenizing_a_part_of_it(encoder, monkeypatch):
     tokenizer = PromptTokenizer(encoder.checkpoint.tokenizer, encoder.checkpoint.image_pad_id)
     seen: list[int] = []
@@ -97,6 +167,8 @@ def test_a_text_far_over_the_limit_is_refused_after_tokenizing_a_part_of_it(enco
     class Counting:
         def __getattr__(self, name):
             method = getattr(backend, name)
+            if not name.startswith("encode"):
+                return method
 
             def counted(first, *args, **kwargs):
                 seen.append(len(first) if isinstance(first, str) else sum(map(len, first)))
@@ -157,3 +229,44 @@ def test_the_first_bad_item_is_named_even_when_workers_prepare_in_parallel(encod
     with pytest.raises(RGEInputError, match=r"^item 21: image file .* cannot be decoded") as raised:
         encoder.encode_document(items)
     assert raised.value.index == 21 and raised.value.part == "image"
+
+
+def test_a_failed_prefetch_leaves_the_patches_to_be_made_when_taken(encoder):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepared = encoder.checkpoint.vision.prepare(make_test_image(70, 40, seed=8), 0)
+    expected = prepared.take_pixel_values()
+
+    def broken(patches):
+        raise RuntimeError("pinned memory exhausted")
+
+    with ThreadPoolExecutor(1) as pool:
+        prepared.prefetch(pool, broken)
+    assert torch.equal(prepared.take_pixel_values(), expected)
+
+
+def test_a_lazily_opened_pil_image_with_corrupt_data_is_an_input_error(encoder, tmp_path):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    make_test_image(300, 200, seed=4).save(buffer, format="PNG")
+    lazy = Image.open(io.BytesIO(buffer.getvalue()[: len(buffer.getvalue()) // 2]))  # header fine, data cut
+    with pytest.raises(RGEInputError, match=r"^item 1: PIL image cannot be decoded") as raised:
+        encoder.encode_document(["fine", {"text": "cut", "image": lazy}])
+    assert raised.value.part == "image"
+
+
+def test_the_error_raised_is_the_first_bad_items_whatever_went_wrong_with_it(encoder, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    limit = encoder.max_length
+    items = ["fine"] * 6
+    items[2] = "word " * (limit // 2)  # just over the limit: found by tokenizing it whole
+    items[4] = "word " * (limit * 4)  # far over it: found from a part of it, sooner
+    with pytest.raises(RGEInputError, match=r"^item 2: prompt of \d+ tokens"):
+        encoder.encode_document(items)
+    mixed = [{"text": "fine"}, {"text": "word " * (limit // 2)}, {"text": "x", "image": str(broken)}]
+    with pytest.raises(RGEInputError, match=r"^item 1: prompt of"):
+        encoder.encode_document(mixed)

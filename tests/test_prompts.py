@@ -55,8 +55,12 @@ def test_prompt_goes_after_the_image(encoder):
 def test_bad_prompts_are_input_errors(encoder):
     with pytest.raises(RGEInputError, match="not both"):
         encoder.encode_query("x", prompt="a", prompt_name="vqa")
-    with pytest.raises(RGEInputError, match="unknown prompt_name 'nope'.*vqa"):
+    with pytest.raises(RGEInputError, match='unknown prompt_name "nope".*vqa'):
         encoder.encode_query("x", prompt_name="nope")
+    with pytest.raises(RGEInputError, match="prompt contains the reserved token <emb>"):
+        encoder.encode_query("x", prompt="say <emb>")  # it would be pooled in place of the item's own
+    with pytest.raises(RGEInputError, match="prompt is not valid Unicode"):
+        encoder.encode_document("x", prompt="\ud800")
     with pytest.raises(RGEInputError, match="empty text and no image"):
         encoder.encode_document("", prompt_name="vqa")  # a prompt does not make an empty item something
 

@@ -3,6 +3,9 @@ get alone (the authors' algorithm), with both KV caches."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -76,3 +79,33 @@ def test_cancelled_queries_leave_and_the_others_are_unchanged(cached_encoder, mi
     for index, query in results.items():
         expected, tokens = reference_queries[index]
         assert query.token_ids == tokens and cosine(query.embedding, expected) >= 0.9999, index
+
+
+def test_a_stream_that_never_waits_admits_ready_queries_and_moves_its_window_past_cancelled_ones(encoder):
+    """Without blocking (a server's stream), queries are admitted once their image patches are made; the
+    prefetched window covers the next ``rows`` waiting queries and moves up when waiting ones are cancelled
+    (else the queries behind them would never be prepared, and never admitted)."""
+    from rge.testing import make_test_image
+
+    images = [{"text": f"picture {n}", "image": make_test_image(60 + 7 * n, 50, seed=n)} for n in range(4)]
+    items = encoder.prepare(images, reason=True)
+    woken = threading.Event()
+    stream = encoder.query_decoder(batch_size=2).stream(on_ready=woken.set)
+    stream.submit((key, item) for key, item in zip("abcd", items))
+    assert not any(item.image.ready() for item in items[2:])  # behind the window: not started
+    stream.cancel(["a", "b"])
+    assert woken.wait(30)
+    deadline = time.monotonic() + 30
+    while not stream.can_step:
+        assert time.monotonic() < deadline, "the queries left waiting never became ready"
+        time.sleep(0.01)
+    results = {}
+    with torch.inference_mode():
+        while stream.busy:
+            for query in stream.step():
+                results[query.key] = query
+            if not stream.can_step and stream.busy:
+                time.sleep(0.01)
+    expected = encoder.encode_query(images[2:])
+    assert sorted(results) == ["c", "d"]
+    assert all(cosine(results[key].embedding, vector) >= 0.9999 for key, vector in zip("cd", expected))

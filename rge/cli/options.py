@@ -9,6 +9,16 @@ from typing import Any
 from .errors import CLIError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if not text or "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def positive_int(value: str) -> int:
     """An argparse type: a whole number above 0."""
     try:
@@ -35,7 +45,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) ->
     """The checkpoint and loading options that every model-running command takes."""
     parser.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")
     if batch:
-        parser.add_argument("--batch-size", type=positive_int, default=16)
+        parser.add_argument("--batch-size", type=positive_int, default=16, help="items run together")
         parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="reasoning budget of queries")
         parser.add_argument("--min-pixels", type=positive_int, help="default 256*28*28")
         parser.add_argument("--max-pixels", type=positive_int, help="default 1024*28*28")

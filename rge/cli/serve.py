@@ -11,7 +11,7 @@ from typing import Any
 
 from .._about import DISTRIBUTION
 from .errors import EXIT_MODEL, EXIT_OK, CLIError
-from .options import add_model_options, load_options, positive_float, positive_int
+from .options import DefaultsHelpFormatter, add_model_options, load_options, positive_float, positive_int
 
 
 def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -19,10 +19,10 @@ def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
     default = ServerSettings()
     serve = commands.add_parser("serve", parents=[common], help="serve embeddings over HTTP (OpenAI-compatible)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                                formatter_class=DefaultsHelpFormatter)  # fmt: skip
     add_model_options(serve)
     serve.set_defaults(batch_size=default.batch_size)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     serve.add_argument("--port", type=positive_int, default=8000, help="port to bind")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $RGE_API_KEY if set)")
     serve.add_argument("--served-model-name", action="append", help="name(s) clients use (default: --model)")
@@ -50,7 +50,8 @@ def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--batch-wait-ms", type=float, default=default.batch_wait * 1000,
                        help="documents wait this long to share a batch")  # fmt: skip
     serve.add_argument("--input-workers", type=positive_int, default=default.input_workers,
-                       help="threads decoding and resizing request images")  # fmt: skip
+                       help="threads decoding and resizing request images (patches are made by the model's "
+                       "own input workers)")  # fmt: skip
     serve.add_argument("--torch-threads", type=positive_int,
                        help="CPU threads of the model (default: the cores left by --input-workers)")  # fmt: skip
     serve.add_argument("--allow-image-host", action="append", default=[],

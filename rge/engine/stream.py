@@ -106,6 +106,7 @@ class DecodeStream:
         """Forget these queries, waiting or running; their rows leave the batch now."""
         dropped = set(keys)
         self._waiting = deque(entry for entry in self._waiting if entry[0] not in dropped)
+        self._prefetch()  # the window of prefetched queries moves up over the ones that left
         rows = [row for row, (key, _) in self._admitted.items() if key in dropped]
         if not rows:
             return

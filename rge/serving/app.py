@@ -12,8 +12,10 @@ finish; then they get 503.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -111,17 +113,20 @@ def create_app(
     """
     state = ServerState(settings)
 
+    def load() -> None:
+        state.load(load_encoder)
+        if state.load_exception is not None and on_load_error is not None:
+            on_load_error(state.load_exception)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.drained = asyncio.get_running_loop().create_future()
-        loading = asyncio.ensure_future(asyncio.to_thread(state.load, load_encoder))
-        if on_load_error is not None:
-            loading.add_done_callback(lambda _: state.load_exception and on_load_error(state.load_exception))
+        # A daemon thread: a shutdown during a long load (a download) does not wait for it.
+        threading.Thread(target=load, name="rge-load", daemon=True).start()
         yield
-        await loading
         state.drain()
         if state.scheduler is not None:
-            await asyncio.to_thread(state.scheduler.stop)
+            await asyncio.to_thread(state.scheduler.stop, settings.shutdown_timeout)
         if state.preparer is not None:
             state.preparer.close()
 
@@ -133,7 +138,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return ErrorResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
@@ -173,7 +178,7 @@ def create_app(
         preparer, scheduler = state.ready()
         try:
             return await _embed(state, request, preparer, scheduler, started)
-        except (APIError, BodyTooLarge, ClientDisconnect):
+        except (APIError, BodyTooLarge):
             raise
         except Exception:  # a bug, not the client's fault: logged once, answered in OpenAI's shape
             logger.exception("rge serve: a request failed")
@@ -204,19 +209,22 @@ async def _embed(
     if not scheduler.reserve(count):
         raise APIError(429, f"the server's queue is full ({settings.max_queued_items} items); retry later",
                        kind="rate_limit_error", headers={"Retry-After": str(settings.retry_after)})  # fmt: skip
+    abandoned = threading.Event()  # tells the workers to stop preparing a request nobody waits for
     try:
-        items = await state.bounded(preparer.prepare(parsed), deadline - time.monotonic(), late)
+        items = await state.bounded(preparer.prepare(parsed, abandoned), deadline - time.monotonic(), late)
     except BaseException:
+        abandoned.set()
         scheduler.release(count)
         raise
     job_id, future = scheduler.submit(items, parsed.reason)
     result = await _await_result(state, request, scheduler, job_id, future, deadline, late)
     if result is None:
         return Response(status_code=499)  # the client left; nobody reads this
-    body_out = await preparer.in_lane(preparer.text_lane, _response_body, state, parsed, items, result)
+    answer = preparer.in_lane(preparer.text_lane, _answer, state, parsed, items, result)
+    content = await state.bounded(answer, deadline - time.monotonic(), late)
     state.metrics.items.labels(parsed.input_type).inc(count)
     state.metrics.latency.labels(parsed.input_type).observe(time.monotonic() - started)
-    return JSONResponse(body_out)
+    return Response(content, media_type="application/json")
 
 
 def _authorize(request: Request, settings: ServerSettings) -> None:
@@ -277,14 +285,23 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _response_body(state: ServerState, parsed: EmbeddingRequest, items: list[Any], result: JobResult) -> dict:
+def _answer(state: ServerState, parsed: EmbeddingRequest, items: list[Any], result: JobResult) -> bytes:
+    """The response body, serialised (in a worker: a large answer takes a while to write)."""
     prompt_tokens = sum(len(item) for item in items)
     generated = sum(len(ids) for ids in result.generated)
     rationales = state.encoder.rationale_texts(result.generated) if parsed.return_rationales and parsed.reason else None
     state.metrics.prompt_tokens.inc(prompt_tokens)
-    return {
+    body = {
         "object": "list",
         "data": embedding_data(result.embeddings, parsed.encoding_format, rationales),
         "model": parsed.model or state.settings.model_names[0],
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + generated},
     }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class ErrorResponse(JSONResponse):
+    """OpenAI's error body, written in ASCII: whatever a message quotes, it encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()

@@ -2,8 +2,9 @@
 
 Python's JSON parser holds the interpreter lock while it runs, so parsing a body made of millions of
 small values would stall every other request even in a worker thread. ``check_shape`` first counts the
-body's values and nesting outside strings (a string is skipped in one step of a compiled expression,
-and the scan stops as soon as a limit is passed); only a body that fits is parsed.
+body's values outside strings and stops as soon as the limit is passed; only a body that fits is parsed.
+The scan is linear and works in slices of ``SLICE`` bytes (each a compiled expression's single step),
+so it never holds the interpreter lock for long either, whatever the body holds.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 from .protocol import APIError, invalid
 
-_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
-MAX_DEPTH = 8
-"""Nesting a valid request never exceeds: the body, ``input``, an item object (and room to spare)."""
+_STRUCTURE = re.compile(rb'["\[{,]')
+_IN_STRING = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)
+SLICE = 1 << 18
+"""Bytes one step of the shape scan looks at (a few milliseconds of work)."""
 
 
 class BodyTooLarge(Exception):
@@ -61,27 +63,41 @@ async def send_error(send: Any, error: APIError) -> None:
 
 
 def check_shape(body: bytes, max_values: int) -> None:
-    """Refuse a body with more than ``max_values`` JSON values or deeper than ``MAX_DEPTH``, without parsing it.
+    """Refuse a body with more than ``max_values`` JSON values outside strings, without parsing it.
 
-    Counts commas and brackets outside strings: a JSON text with n values has at least n - 1 commas
-    between them. Stops at the first limit passed, so a hostile body costs as little as a good one.
+    Counts commas and opening brackets outside strings: a JSON text with n values has at least n - 1
+    of them. Stops at the first value over the limit, so a hostile body costs as little as a good one.
     """
-    values, depth = 0, 0
-    for match in _TOKENS.finditer(body):
-        token = match.group()
-        if token[0] == 0x22:  # a whole string: one value
+    values, position, size = 0, 0, len(body)
+    while position < size:
+        found = _STRUCTURE.search(body, position, min(position + SLICE, size))
+        if found is None:
+            position = min(position + SLICE, size)
             continue
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise invalid(f"the request body nests deeper than {MAX_DEPTH} levels", param=None)  # type: ignore[arg-type]
-        elif token in (b"]", b"}"):
-            depth -= 1
-        else:
-            values += 1
-            if values > max_values:
-                raise invalid(f"the request body holds more than {max_values} JSON values; a request carries at "
-                              "most the inputs this server accepts per request", param=None)  # type: ignore[arg-type]  # fmt: skip
+        if found.group() == b'"':
+            position = _string_end(body, found.end())
+            continue
+        values += 1
+        if values > max_values:
+            raise invalid(f"the request body holds more than {max_values} JSON values; a request carries at most "
+                          "the inputs this server accepts per request", param=None)  # fmt: skip
+        position = found.end()
+
+
+def _string_end(body: bytes, position: int) -> int:
+    """Where the string whose content starts at ``position`` ends (after its closing quote; the body's end
+    if it has none), a slice at a time: an escape cut by a slice's end makes the match stop before its
+    backslash, and the next slice starts there."""
+    size = len(body)
+    while position < size:
+        stop = min(position + SLICE, size)
+        end = _IN_STRING.match(body, position, stop).end()  # type: ignore[union-attr]
+        if end < stop and body[end] == 0x22:  # the closing quote
+            return end + 1
+        if end == position:  # a lone backslash at the body's very end
+            return size
+        position = end
+    return size
 
 
 def parse_json(body: bytes) -> Any:
@@ -89,7 +105,7 @@ def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, non-UTF-8, over-long integers
-        raise invalid(f"the request body is not valid JSON ({_reason(error)})", param=None) from None  # type: ignore[arg-type]
+        raise invalid(f"the request body is not valid JSON ({_reason(error)})", param=None) from None
 
 
 def _reason(error: Exception) -> str:

@@ -187,16 +187,27 @@ def _resolve(host: str, port: int, deadline: float) -> list[str]:
 
 
 def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float) -> http.client.HTTPConnection:
-    """A connection to ``address`` (already checked) that presents ``host`` for HTTP and TLS."""
+    """A connection to ``address`` (already checked) that presents ``host`` for HTTP and TLS. Its socket is
+    on the connection before it connects and before the TLS handshake, so the fetch's watchdog can cut
+    either short."""
+
+    def open_socket(connection: http.client.HTTPConnection) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+        connection.sock = sock
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        return sock
 
     class Pinned(http.client.HTTPConnection):
         def connect(self) -> None:
-            self.sock = socket.create_connection((address, port), timeout)
+            open_socket(self)
 
     class PinnedTLS(http.client.HTTPSConnection):
         def connect(self) -> None:
-            sock = socket.create_connection((address, port), timeout)
-            self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            tls = ssl.create_default_context().wrap_socket(open_socket(self), server_hostname=host,
+                                                           do_handshake_on_connect=False)  # fmt: skip
+            self.sock = tls
+            tls.do_handshake()
 
     if scheme == "https":
         return PinnedTLS(host, port, timeout=timeout)
@@ -217,4 +228,8 @@ def _read_limited(response: http.client.HTTPResponse, limit: int, deadline: floa
             raise ImageRejected(f"image URL body is larger than {limit} bytes")
         if time.monotonic() > deadline:
             raise OSError("deadline")
+    if time.monotonic() > deadline:
+        raise OSError("deadline")  # the watchdog ended the body
+    if declared is not None and declared.isdigit() and size < int(declared):
+        raise ImageRejected(f"image URL body ended after {size} of its {declared} bytes")
     return b"".join(chunks)

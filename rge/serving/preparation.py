@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -45,20 +46,26 @@ class RequestPreparer:
         """A body -> a validated request (shape first, then JSON, then fields), in the text lane."""
         return await self.in_lane(self.text_lane, self._parse, body)
 
-    async def prepare(self, request: EmbeddingRequest) -> list[TokenizedItem]:
-        """The request's items, indexed 0..N-1, ready for the engine (images resized, prompts tokenized)."""
+    async def prepare(self, request: EmbeddingRequest, abandoned: threading.Event) -> list[TokenizedItem]:
+        """The request's items, indexed 0..N-1, ready for the engine (images resized, prompts tokenized).
+
+        Once ``abandoned`` is set (the request timed out), its worker stops between two items.
+        """
         prompt = self._prompt(request)
         if not request.has_images:
             return await self.in_lane(self.text_lane, self._prepare_texts, request, prompt)
         fetched = await self._fetch_urls(request)
-        return await self.in_lane(self.image_lane, self._prepare_with_images, request, prompt, fetched)
+        return await self.in_lane(self.image_lane, self._prepare_with_images, request, prompt, fetched, abandoned)
 
     async def in_lane(self, lane: ThreadPoolExecutor, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` run in ``lane``, awaited from the event loop."""
         return await asyncio.get_running_loop().run_in_executor(lane, work, *args)
 
     def close(self) -> None:
+        """Stop the lanes (work queued in them is dropped) and the encoder's input workers."""
         for lane in (self.text_lane, self.image_lane, self.fetch_lane):
             lane.shutdown(wait=False, cancel_futures=True)
+        self.encoder.inputs.close()
 
     def _parse(self, body: bytes) -> EmbeddingRequest:
         check_shape(body, max_values=4 * self.settings.max_items_per_request + 64)
@@ -73,29 +80,44 @@ class RequestPreparer:
             raise invalid(str(error), param="prompt_name" if request.prompt_name is not None else "prompt") from None
 
     def _prepare_texts(self, request: EmbeddingRequest, prompt: str) -> list[TokenizedItem]:
+        texts = [item.text for item in request.items]
         try:
-            return self.encoder.prepare([item.text for item in request.items], reason=request.reason,  # type: ignore[no-any-return]
-                                        prompt=prompt)  # fmt: skip
+            return self.encoder.prepare(texts, reason=request.reason, prompt=prompt)  # type: ignore[no-any-return]
         except RGEInputError as error:
             raise _item_error(error, error.index) from None
 
     async def _fetch_urls(self, request: EmbeddingRequest) -> dict[int, bytes]:
+        """The bodies of the request's image URLs, fetched at once; together they may hold no more bytes
+        than a body may (as if the images had been sent inline)."""
         urls = {index: item.image for index, item in enumerate(request.items)
                 if isinstance(item.image, str) and is_url(item.image)}  # fmt: skip
-        if not urls:
-            return {}
-        fetches = [self.in_lane(self.fetch_lane, _fetch, index, url, self.settings) for index, url in urls.items()]
-        return dict(zip(urls, await asyncio.gather(*fetches)))
+        fetches = {asyncio.ensure_future(self.in_lane(self.fetch_lane, _fetch, index, url, self.settings)): index
+                   for index, url in urls.items()}  # fmt: skip
+        fetched: dict[int, bytes] = {}
+        try:
+            for done in asyncio.as_completed(fetches):
+                index, data = await done
+                fetched[index] = data
+                if sum(map(len, fetched.values())) > self.settings.max_body_bytes:
+                    limit = self.settings.max_body_bytes
+                    raise invalid(f"input[{index}].image: the request's image URLs hold more than {limit} bytes "
+                                  "together", param=f"input[{index}].image")  # fmt: skip
+        finally:
+            for fetch in fetches:
+                fetch.cancel()  # the ones not yet started
+        return fetched
 
     def _prepare_with_images(
-        self, request: EmbeddingRequest, prompt: str, fetched: dict[int, bytes]
+        self, request: EmbeddingRequest, prompt: str, fetched: dict[int, bytes], abandoned: threading.Event
     ) -> list[TokenizedItem]:
         budget = PixelBudget(self.settings.max_request_pixels)
         items = []
         for index, item in enumerate(request.items):
+            if abandoned.is_set():
+                return []
             entry: dict[str, Any] = {"text": item.text}
             if item.image is not None:
-                entry["image"] = _decode(index, item.image, fetched.get(index), self.settings, budget)
+                entry["image"] = _decode(index, item.image, fetched.pop(index, None), self.settings, budget)
             try:
                 (prepared,) = self.encoder.prepare([entry], reason=request.reason, prompt=prompt)
             except RGEInputError as error:
@@ -104,9 +126,9 @@ class RequestPreparer:
         return items
 
 
-def _fetch(index: int, url: str, settings: ServerSettings) -> bytes:
+def _fetch(index: int, url: str, settings: ServerSettings) -> tuple[int, bytes]:
     try:
-        return image_bytes(url, settings)
+        return index, image_bytes(url, settings)
     except ImageRejected as error:
         raise _image_error(index, error) from None
 

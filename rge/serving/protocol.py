@@ -20,6 +20,8 @@ from .settings import ServerSettings
 INPUT_TYPES = ("query", "document")
 ENCODING_FORMATS = ("float", "base64")
 _ITEM_KEYS = frozenset({"text", "image"})
+MAX_PROMPT_CHARACTERS = 4096
+"""The longest ``prompt`` a request may carry (it is put before every one of its texts)."""
 REQUEST_FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "input_type", "return_rationales",
                   "prompt_name", "prompt")  # fmt: skip
 """OpenAI's fields (``user`` is accepted and unused) and rge's; any other field is refused, as ``encode``
@@ -47,7 +49,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def invalid(message: str, param: str = "input") -> APIError:
+def invalid(message: str, param: str | None = "input") -> APIError:
     return APIError(400, message, param=param)
 
 
@@ -83,7 +85,7 @@ class EmbeddingRequest:
 def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest:
     """A decoded JSON body -> an ``EmbeddingRequest``, or an APIError naming the field and item."""
     if not isinstance(payload, dict):
-        raise invalid("the request body must be a JSON object", param=None)  # type: ignore[arg-type]
+        raise invalid("the request body must be a JSON object", param=None)
     unknown = sorted(set(payload) - set(REQUEST_FIELDS))
     if unknown:
         raise invalid(f"unknown fields {show(unknown)}; this server takes {', '.join(REQUEST_FIELDS)}",
@@ -97,6 +99,8 @@ def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest
     dimensions = _optional(payload, "dimensions", int)
     _optional(payload, "user", str)
     prompt_name, prompt = _optional(payload, "prompt_name", str), _optional(payload, "prompt", str)
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARACTERS:
+        raise invalid(f"'prompt' has {len(prompt)} characters; at most {MAX_PROMPT_CHARACTERS}", param="prompt")
     items = parse_input(payload["input"], settings.max_items_per_request)
     return EmbeddingRequest(model, items, encoding_format, input_type, return_rationales, dimensions, prompt_name,
                             prompt)  # fmt: skip
@@ -164,7 +168,7 @@ def _choice(payload: dict[str, Any], key: str, choices: Sequence[str], default: 
 
 def show(value: object, limit: int = 60) -> str:
     """A client's value as JSON, shortened: how messages quote what a client sent."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value)  # ASCII: no lone surrogate from a client ever reaches an answer's encoder
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -81,8 +81,8 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Answer what is left with 503 and end the loop."""
+    def stop(self, timeout: float) -> None:
+        """Answer what is left with 503 and end the loop (waiting ``timeout`` seconds at most for a step)."""
         self._inbox.put(_STOP)
         self._thread.join(timeout)
 
@@ -103,7 +103,7 @@ class Scheduler:
 
     @property
     def accepted(self) -> int:
-        """Items reserved and not yet finished."""
+        """Items reserved and not yet finished (the queue limit applies to this)."""
         return self._accepted
 
     def submit(self, items: Sequence[TokenizedItem], reason: bool) -> tuple[int, asyncio.Future[JobResult]]:
@@ -137,19 +137,21 @@ class Scheduler:
                 self.metrics.running_queries.set(stream.running)
 
     def _new_stream(self) -> DecodeStream:
-        return self.encoder.query_decoder(self.settings.batch_size).stream(on_ready=self._wake)  # type: ignore[no-any-return]
+        decoder = self.encoder.query_decoder(self.settings.batch_size)
+        return decoder.stream(on_ready=self._wake)  # type: ignore[no-any-return]
 
     def _wake(self) -> None:
         self._inbox.put(_WAKE)
 
     def _wait_time(self, stream: DecodeStream) -> float | None:
         """How long the loop may block on its inbox: not at all while it can decode, until the oldest
-        document's wait ends when ready documents wait, else until something arrives (a request, a
-        cancellation, or inputs made ready)."""
+        document's wait ends when the next batch of documents is ready, else until something arrives (a
+        request, a cancellation, or inputs made ready)."""
         if stream.can_step:
             return 0.0
-        if self._ready_documents():
-            return max(0.0, self._documents[0][2] + self.settings.batch_wait - time.monotonic())
+        head = self._next_documents()
+        if head and all(item.ready() for _, item, _ in head):
+            return max(0.0, head[0][2] + self.settings.batch_wait - time.monotonic())
         return None
 
     def _receive(self, timeout: float | None) -> list[Any]:
@@ -169,7 +171,7 @@ class Scheduler:
             job = self._jobs.pop(message.job_id, None)
             if job is not None:
                 stream.cancel((job.id, position) for position in range(len(job.items)))
-                self._documents = deque(entry for entry in self._documents if entry[0][0] != job.id)
+                self._drop_documents(job.id)
                 self.release(job.remaining)
             return
         job = message
@@ -183,27 +185,24 @@ class Scheduler:
             self._prefetch_documents()
 
     def _prefetch_documents(self) -> None:
-        """Start the image work of the next two batches of documents."""
+        """Start the image work of the next two batches of documents (after any change to the queue)."""
         ahead = [item for _, item, _ in itertools.islice(self._documents, 2 * self.settings.batch_size)]
         self.encoder.inputs.prefetch(ahead, self._wake)
 
-    def _ready_documents(self) -> list[tuple[tuple[int, int], TokenizedItem, float]]:
-        """The first batch of waiting documents whose inputs are ready, in arrival order."""
-        ready = (entry for entry in self._documents if entry[1].ready())
-        return list(itertools.islice(ready, self.settings.batch_size))
+    def _next_documents(self) -> list[tuple[tuple[int, int], TokenizedItem, float]]:
+        """The next batch of documents, in arrival order."""
+        return list(itertools.islice(self._documents, self.settings.batch_size))
 
     def _documents_due(self) -> bool:
-        if not self._documents:
+        """A batch runs once its inputs are all ready, when it is full or its oldest document has waited
+        ``batch_wait`` (a document's image work takes a moment: the batch waits for it, not without it)."""
+        head = self._next_documents()
+        if not head or not all(item.ready() for _, item, _ in head):
             return False
-        full = len(self._documents) >= self.settings.batch_size
-        return full or time.monotonic() - self._documents[0][2] >= self.settings.batch_wait
+        return len(head) == self.settings.batch_size or time.monotonic() - head[0][2] >= self.settings.batch_wait
 
     def _embed_documents(self) -> None:
-        taken = self._ready_documents()
-        if not taken:
-            return
-        chosen = {entry[0] for entry in taken}
-        self._documents = deque(entry for entry in self._documents if entry[0] not in chosen)
+        taken = [self._documents.popleft() for _ in range(min(self.settings.batch_size, len(self._documents)))]
         self._prefetch_documents()
         items = [replace(item, index=row) for row, (_, item, _) in enumerate(taken)]
         self.metrics.batch_size.labels("documents").observe(len(items))
@@ -251,10 +250,14 @@ class Scheduler:
         if job is None:
             return
         self.release(job.remaining)
-        self._documents = deque(entry for entry in self._documents if entry[0][0] != job_id)
+        self._drop_documents(job_id)
         if not isinstance(error, APIError):
             error = APIError(500, f"the engine failed on this request ({type(error).__name__})", kind="server_error")
         _resolve(job, error=error)
+
+    def _drop_documents(self, job_id: int) -> None:
+        self._documents = deque(entry for entry in self._documents if entry[0][0] != job_id)
+        self._prefetch_documents()
 
     def _fail_all(self, error: APIError) -> None:
         for job_id in list(self._jobs):

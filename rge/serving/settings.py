@@ -8,6 +8,13 @@ from dataclasses import dataclass, field
 from ..prompts import resolve_prompt
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Limits, security and batching of one server (one engine).
@@ -53,12 +60,13 @@ class ServerSettings:
     image_fetch_max_bytes: int = 20 * 2**20
     max_concurrent_fetches: int = 16
     """Image URLs fetched at once, over all requests (fetches wait on the network, not the CPU)."""
-    input_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    input_workers: int = field(default_factory=lambda: min(4, available_cores()))
     """Threads that decode, resize and tokenize requests with images (requests without images have two
     threads of their own, so a request of large images never delays a text request)."""
     torch_threads: int | None = None
-    """Threads torch runs the model with on the CPU. None: the cores left to it by the input workers (at least
-    one), so that decoding images never makes the model wait for a core; on CUDA, torch's own setting."""
+    """Threads torch runs the model with on the CPU. None: the cores this process may use, less one per input
+    worker up to half of them (at least one), so that decoding images rarely makes the model wait for a
+    core; on CUDA, torch's own setting."""
     query_prompt_name: str | None = None
     """A task of ``rge.prompts.TASK_PROMPTS`` put before every query text that names no prompt itself."""
     query_prompt: str | None = None
@@ -94,7 +102,8 @@ class ServerSettings:
             return self.torch_threads
         if device_type != "cpu":
             return None
-        return max(1, (os.cpu_count() or 1) - self.input_workers)
+        cores = available_cores()
+        return max(1, cores - min(self.input_workers, cores // 2))
 
     def default_prompt(self, reason: bool) -> str:
         """The instruction put before a query's (``reason``) or a document's text when a request names none."""

@@ -68,7 +68,7 @@ def test_load_64_clients_every_item_equals_its_single_result(encoder, pool):
         answers = asyncio.run(drive())
         elapsed = time.monotonic() - started
         metrics = httpx.get(f"{url}/metrics").text
-        assert state.scheduler._accepted == 0  # nothing left behind
+        assert state.scheduler.accepted == 0  # nothing left behind
     assert elapsed < 120
     checked = 0
     for entries, answer in zip(requests, answers):
@@ -115,7 +115,7 @@ def test_a_client_that_disconnects_has_its_items_dropped(encoder, pool, slow_ste
     with running_server(encoder) as (url, state):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/embeddings", json={"input": [text, text], "input_type": "query"}, timeout=0.4)
-        wait_until(lambda: state.scheduler._accepted == 0, timeout=5)
+        wait_until(lambda: state.scheduler.accepted == 0, timeout=5)
         stopped_at = len(steps)
         time.sleep(0.3)
         assert len(steps) == stopped_at < 20  # no more decode steps for the departed client
@@ -127,7 +127,7 @@ def test_overload_gets_429_with_retry_after_then_recovers(encoder, pool, slow_st
     with running_server(encoder, max_queued_items=2) as (url, state):
         body = {"input": QUERY_TEXTS[:2], "input_type": "query"}
         first_thread, first = in_thread(lambda: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60))
-        wait_until(lambda: state.scheduler._accepted == 2)
+        wait_until(lambda: state.scheduler.accepted == 2)
         refused = httpx.post(f"{url}/v1/embeddings", json={"input": "one more"})
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
@@ -142,7 +142,7 @@ def test_request_timeout_answers_504_and_frees_the_batch(encoder, slow_steps):
         response = httpx.post(f"{url}/v1/embeddings", json={"input": QUERY_TEXTS[:3], "input_type": "query"},
                               timeout=30)  # fmt: skip
         assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
-        wait_until(lambda: state.scheduler._accepted == 0, timeout=5)
+        wait_until(lambda: state.scheduler.accepted == 0, timeout=5)
         stopped_at = len(steps)
         time.sleep(0.3)
         assert len(steps) == stopped_at
@@ -180,3 +180,13 @@ def test_the_engine_thread_only_runs_the_model(encoder, monkeypatch):
             assert outcome["result"].status_code == 200
     assert threads == {"open_image": {"rge-images"}, "prepare": {"rge-images"}, "patches": {"rge-inputs"},
                        "__call__": {"rge-images", "rge-text"}}  # fmt: skip
+
+
+def test_a_batch_of_image_documents_waits_for_its_patches_not_without_them(encoder):
+    picture = b64(png_bytes((20, 140, 90), (160, 120)))
+    with running_server(encoder, batch_size=8, batch_wait=0.0) as (url, _):
+        body = {"input": [{"text": f"photo {n}", "image": picture} for n in range(8)]}
+        assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 200
+        metrics = httpx.get(f"{url}/metrics").text
+    counts = [line for line in metrics.splitlines() if line.startswith('rge_batch_size_count{kind="documents"}')]
+    assert float(counts[0].split()[-1]) == 1  # one forward of 8, not several of what happened to be ready

@@ -30,6 +30,12 @@ def image_host() -> Iterator[str]:
                 self.end_headers()
                 return
             bodies = {"/ok.png": PICTURE, "/big.png": PICTURE + b"\0" * 4096}
+            if self.path == "/short.png":  # declares more than it sends, then closes
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PICTURE)))
+                self.end_headers()
+                self.wfile.write(PICTURE[:100])
+                return
             if self.path not in bodies:
                 self.send_error(404)
                 return
@@ -83,6 +89,7 @@ def test_an_allowed_url_is_fetched_within_limits_without_redirects(encoder, imag
         assert "HTTP 302 (redirects are not followed)" in error_of(url, f"{image_host}/moved")
         assert "fetches at most 1024" in error_of(url, f"{image_host}/big.png")
         assert "HTTP 404" in error_of(url, f"{image_host}/missing.png")
+        assert f"ended after 100 of its {len(PICTURE)} bytes" in error_of(url, f"{image_host}/short.png")
 
 
 def test_host_allow_list_rules():
