@@ -17,6 +17,7 @@ import copy
 import json
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,26 +26,51 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import PIXELS, ForceStop, banned_ids, build_encoder, forced_decoder, query_workload  # noqa: E402
+from workloads import (  # noqa: E402
+    PIXELS,
+    ForcedSchedule,
+    ForceStop,
+    banned_ids,
+    build_encoder,
+    forced_decoder,
+    query_workload,
+)
 
-from rge.encoder import RGEEncoder  # noqa: E402
+from rge.encoder import KV_CACHES, RGEEncoder  # noqa: E402
 from rge.testing import QWEN25_VL_CHAT_TEMPLATE  # noqa: E402
 from tests.reference import Reference  # noqa: E402
 
 
-def decode(encoder: RGEEncoder, items: list[Any], budget: int, batch_size: int, margins: dict | None = None):
-    """rge's decoder (the device's default cache); tokens per query and, if asked, each step's fp32 margin."""
-    decoder = forced_decoder(encoder, max_new_tokens=budget, batch_size=batch_size, schedule=[0] * len(items))
-    if margins is not None:
-        choose = decoder.next_tokens
+class RecordedMargins:
+    """The forced schedule's choice, recording each step's fp32 margin (best minus second best allowed logit)
+    by query and token position. It reads the device in the step: eager steps only."""
 
-        def recorded(scores, indices, counts):
-            top = decoder.allowed(scores).topk(2, dim=-1).values
-            for row, count, gap in zip(indices.tolist(), counts.tolist(), (top[:, 0] - top[:, 1]).tolist()):
-                margins[decoder._stream.key_of(row), count] = gap  # by query and token position
-            return choose(scores, indices, counts)
+    def __init__(self, forced: ForcedSchedule, margins: dict[tuple[int, int], float]) -> None:
+        self.forced, self.margins, self.keys = forced, margins, {}
 
-        decoder.next_tokens = recorded
+    def admit(self, rows: Sequence[int], keys: Sequence[Any]) -> None:
+        self.keys.update(zip(rows, keys))
+        self.forced.admit(rows, keys)
+
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        top = self.forced.allowed(scores).topk(2, dim=-1).values
+        for row, count, gap in zip(rows.tolist(), counts.tolist(), (top[:, 0] - top[:, 1]).tolist()):
+            self.margins[self.keys[row], count] = gap
+        return self.forced(scores, rows, counts)
+
+
+def decode(encoder: RGEEncoder, items: list[Any], args: argparse.Namespace, margins: dict | None = None):
+    """rge's decoder (``--kv-cache``); tokens per query and, if asked, each step's fp32 margin (then with the
+    dynamic cache and eager steps)."""
+    schedule = [0] * len(items)
+    if margins is None:
+        decoder = forced_decoder(encoder, max_new_tokens=args.budget, batch_size=args.batch_size,
+                                 kv_cache=args.kv_cache, schedule=schedule)  # fmt: skip
+    else:
+        forced = ForcedSchedule(schedule, encoder.checkpoint.emb_token_id, banned_ids(encoder), args.batch_size,
+                                encoder.device)  # fmt: skip
+        decoder = encoder.query_decoder(args.batch_size, args.budget, kv_cache="dynamic",
+                                        choice=RecordedMargins(forced, margins))  # fmt: skip
     result = decoder.run(items)
     return result.generated, result.embeddings
 
@@ -89,6 +115,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bf16-flips.json"))
+    parser.add_argument("--kv-cache", choices=KV_CACHES, default="auto", help="the bf16 decode's cache")
     args = parser.parse_args()
     device, rows = torch.device(args.device), []
     for size in args.sizes:
@@ -98,8 +125,8 @@ def main() -> None:
         texts, images = query_workload(args.queries, with_images=True)
         items = fp32.prepare(texts, images, reason=True, max_new_tokens=args.budget)
         margins: dict[tuple[int, int], float] = {}
-        fp32_tokens, fp32_vectors = decode(fp32, items, args.budget, args.batch_size, margins)
-        bf16_tokens, bf16_vectors = decode(bf16, items, args.budget, args.batch_size)
+        fp32_tokens, fp32_vectors = decode(fp32, items, args, margins)
+        bf16_tokens, bf16_vectors = decode(bf16, items, args)
         loop_tokens = authors_loop(bf16, texts, images, args.budget)
         same = [q for q in range(len(items)) if fp32_tokens[q] == bf16_tokens[q]]
         cosines = torch.nn.functional.cosine_similarity(fp32_vectors[same].double(), bf16_vectors[same].double())

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from workloads import forced_decoder, query_workload, stop_schedule, sync
+from workloads import forced_decoder, query_workload, stop_schedule, sync, timed
 
 from rge.encoder import RGEEncoder
 
@@ -69,38 +69,25 @@ def floor_suite(encoder: RGEEncoder, args: argparse.Namespace) -> dict[str, Any]
     schedule = stop_schedule(queries, args.budget, "varied")
     items = encoder.prepare(texts, images, reason=True, max_new_tokens=args.budget)
 
-    def decoder() -> Any:
-        return forced_decoder(
-            encoder, max_new_tokens=args.budget, batch_size=batch_size, admission=True, schedule=schedule
-        )
+    def decoder(**hooks: Any) -> Any:
+        made = forced_decoder(encoder, max_new_tokens=args.budget, batch_size=batch_size, admission=True,
+                              schedule=schedule)  # fmt: skip
+        return timed(made, device, **hooks)
 
     decoder().run(items)  # warm-up: every bucket's graph is captured here
-    timed = decoder()
     steps, prefills = [], []
-    original_step, original_prefill = timed._step, timed._prefill
 
-    def step(running, outputs):
-        rows, context = running.size, int(running.attention_mask.sum()) + running.size
-        sync(device)
-        start = time.perf_counter()
-        result = original_step(running, outputs)
-        sync(device)
-        steps.append({"rows": rows, "measured_s": time.perf_counter() - start,
+    def step(shape, seconds, running):
+        context = shape["context_tokens"] + shape["rows"]
+        steps.append({"rows": shape["rows"], "measured_s": seconds,
                       "floor_s": (weight_bytes + context * kv_per_token) / bandwidth})  # fmt: skip
-        return result
 
-    def prefill(rows, outputs):
+    def prefill(rows, seconds):
         tokens = sum(len(r) for r in rows)
-        sync(device)
-        start = time.perf_counter()
-        result = original_prefill(rows, outputs)
-        sync(device)
-        prefills.append({"tokens": tokens, "measured_s": time.perf_counter() - start,
+        prefills.append({"tokens": tokens, "measured_s": seconds,
                          "floor_s": 2 * (weight_bytes / dtype_bytes) * tokens / matmul})  # fmt: skip
-        return result
 
-    timed._step, timed._prefill = step, prefill
-    timed.run(items)
+    decoder(on_step=step, on_prefill=prefill).run(items)
     full = [s for s in steps if s["rows"] >= batch_size * 3 // 4] or steps
     ratios = [s["measured_s"] / s["floor_s"] for s in full]
     return {

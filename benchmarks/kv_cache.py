@@ -25,23 +25,15 @@ from workloads import (  # noqa: E402
     query_workload,
     stop_schedule,
     sync,
+    timed,
 )
 
 
 def timed_run(encoder, tokenized, schedule, batch_size: int, budget: int):
     """One run of the encoder's decoder (its ``kv_cache``); tokens, seconds and the median decode step."""
-    decoder = forced_decoder(encoder, max_new_tokens=budget, batch_size=batch_size, schedule=schedule)
-    steps, original = [], decoder._step
-
-    def step(running, outputs):
-        sync(encoder.device)
-        start = time.perf_counter()
-        result = original(running, outputs)
-        sync(encoder.device)
-        steps.append(time.perf_counter() - start)
-        return result
-
-    decoder._step = step
+    steps: list[float] = []
+    decoder = timed(forced_decoder(encoder, max_new_tokens=budget, batch_size=batch_size, schedule=schedule),
+                    encoder.device, on_step=lambda shape, seconds, running: steps.append(seconds))  # fmt: skip
     start = time.perf_counter()
     result = decoder.run(tokenized)
     sync(encoder.device)
@@ -56,6 +48,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kv-cache", nargs="+", choices=("dynamic", "preallocated", "static"),
+                        default=["dynamic", "preallocated", "static"], help="the caches to compare (the first is "
+                        "the one the others' tokens are checked against)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -67,7 +62,7 @@ def main() -> None:
             schedule = stop_schedule(args.queries, args.budget, "varied")
             tokenized = encoder.prepare(texts, images, reason=True, max_new_tokens=args.budget)
             results = {}
-            for name in ("dynamic", "preallocated", "static"):
+            for name in args.kv_cache:
                 encoder.kv_cache = name
                 timed_run(encoder, tokenized, schedule, args.batch_size, args.budget)  # warm-up (graph capture)
                 runs = [timed_run(encoder, tokenized, schedule, args.batch_size, args.budget)
@@ -75,7 +70,7 @@ def main() -> None:
                 results[name] = runs[-1][0]
                 seconds = statistics.median(run[1] for run in runs)
                 step = statistics.median(run[2] for run in runs)
-                same = results[name] == results["dynamic"]
+                same = results[name] == results[args.kv_cache[0]]
                 print(f"{size:<6} {workload:<8} {name:<12} {args.queries / seconds:>10.1f} {1e3 * step:>8.2f} "
                       f"{'yes' if same else 'NO':>12}")  # fmt: skip
 

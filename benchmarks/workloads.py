@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rge.encoder import RGEEncoder  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
 from rge.engine.generation import GenerationSettings  # noqa: E402
-from rge.engine.slot_decoder import SlotDecoder, StaticSlotDecoder, resolve_kv_cache  # noqa: E402
+from rge.engine.kv_cache import SlotCache  # noqa: E402
 from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
@@ -112,56 +112,86 @@ def banned_ids(encoder: RGEEncoder) -> list[int]:
     return [i for i in encoder.checkpoint.tokenizer.all_special_ids if i != encoder.checkpoint.emb_token_id]
 
 
-class ForcedDecoder(ReasoningDecoder):
-    """rge's decoder with <emb> forced at each query's scheduled step and suppressed elsewhere."""
+class ForcedSchedule:
+    """A token choice that emits <emb> at each query's scheduled step and bans it (and the special tokens a
+    rationale never holds) elsewhere: every variant follows the same rationale lengths. Tensor operations
+    only, so it runs inside a captured decode step too."""
 
-    def __init__(self, *args: Any, schedule: Sequence[int], banned: Sequence[int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.schedule = list(schedule)
-        self.banned = list(banned)
+    def __init__(self, schedule: Sequence[int], emb: int, banned: Sequence[int], rows: int, device: torch.device):
+        self.schedule, self.emb, self.banned = list(schedule), emb, list(banned)
+        self.row_schedule = torch.zeros(rows, dtype=torch.long, device=device)
+        self.ban = torch.tensor([*self.banned, emb], device=device)
 
-    def stream(self, rows: int | None = None) -> Any:
-        self._stream = super().stream(rows)
-        self._row_schedule = torch.zeros(self._stream.rows, dtype=torch.long, device=self.model.device)
-        return self._stream
-
-    def _prefill(self, rows: Sequence[Any], outputs: Any) -> Any:
-        # Rows carry output rows as indices; the schedule follows the query (the stream's key) into its row.
-        for row in rows:
-            self._row_schedule[row.index] = self.schedule[self._stream.key_of(row.index)]
-        return super()._prefill(rows, outputs)
+    def admit(self, rows: Sequence[int], keys: Sequence[Any]) -> None:
+        """The schedule follows each query (the stream's key) into its output row."""
+        for row, key in zip(rows, keys):
+            self.row_schedule[row] = self.schedule[int(key)]
 
     def allowed(self, scores: torch.Tensor) -> torch.Tensor:
         """A copy of ``scores`` with the banned tokens and <emb> at -inf: what the schedule chooses among."""
-        logits = scores.clone()
-        logits[:, self.banned + [self.emb_token_id]] = -torch.inf
-        return logits
+        return scores.index_fill(1, self.ban, -torch.inf)
 
-    def next_tokens(self, scores: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         tokens = self.allowed(scores).argmax(dim=-1)
-        tokens[self._row_schedule[indices] == counts + 1] = self.emb_token_id
-        return tokens
+        return torch.where(self.row_schedule[rows] == counts + 1, self.emb, tokens)
 
 
-class ForcedSlotDecoder(ForcedDecoder, SlotDecoder):
-    """The forced schedule on the preallocated KV cache."""
+def forced_decoder(
+    encoder: RGEEncoder, *, schedule: Sequence[int], batch_size: int, kv_cache: str | None = None, **kwargs: Any
+) -> ReasoningDecoder:
+    """The decoder ``encode_query`` would use (its cache: static steps on CUDA, unless ``kv_cache`` says
+    otherwise) with the forced schedule; slot caches come from the encoder's pool, so graphs captured once
+    are replayed by later runs."""
+    choice = ForcedSchedule(schedule, encoder.checkpoint.emb_token_id, banned_ids(encoder), batch_size,
+                            encoder.device)  # fmt: skip
+    return encoder.query_decoder(batch_size, kv_cache=kv_cache, choice=choice, **kwargs)
 
 
-class ForcedStaticDecoder(ForcedDecoder, StaticSlotDecoder):
-    """The forced schedule with fixed-shape decode steps (CUDA graphs on CUDA)."""
+class TimedBatches:
+    """A decoder's ``DecodeBatches`` with each prefill and step timed (the device synchronised around it)
+    and reported to ``on_prefill(items, seconds)`` / ``on_step(running, seconds)`` before it runs."""
+
+    def __init__(self, inner: Any, device: torch.device, on_step: Callable[..., None] | None = None,
+                 on_prefill: Callable[..., None] | None = None) -> None:  # fmt: skip
+        self.inner, self.device, self.on_step, self.on_prefill = inner, device, on_step, on_prefill
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def prefill(self, items: Sequence[Any]) -> Any:
+        start = self._start()
+        result = self.inner.prefill(items)
+        if self.on_prefill is not None:
+            self.on_prefill(items, self._seconds(start))
+        return result
+
+    def step(self, running: Any) -> Any:
+        shape = batch_shape(running)
+        start = self._start()
+        result = self.inner.step(running)
+        if self.on_step is not None:
+            self.on_step(shape, self._seconds(start), running)
+        return result
+
+    def _start(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def _seconds(self, start: float) -> float:
+        sync(self.device)
+        return time.perf_counter() - start
 
 
-FORCED_DECODERS = {"dynamic": ForcedDecoder, "preallocated": ForcedSlotDecoder, "static": ForcedStaticDecoder}
+def timed(decoder: ReasoningDecoder, device: torch.device, **hooks: Any) -> ReasoningDecoder:
+    """``decoder`` with its steps and prefills timed (``TimedBatches``)."""
+    decoder.batches = TimedBatches(decoder.batches, device, **hooks)  # type: ignore[assignment]
+    return decoder
 
 
-def forced_decoder(encoder: RGEEncoder, **kwargs: Any) -> ForcedDecoder:
-    """The decoder ``encode_query`` would use on this device (static steps on CUDA), with the schedule in
-    ``kwargs``; slot caches come from the encoder's pool, so graphs captured once are replayed by later runs."""
-    decoder = FORCED_DECODERS[resolve_kv_cache(encoder.kv_cache, encoder.device)]
-    pool = {"pool": encoder._cache_pool} if issubclass(decoder, SlotDecoder) else {}
-    return decoder(encoder.model, encoder.model_batch, encoder.checkpoint.emb_token_id, banned=banned_ids(encoder),
-                   generation=encoder.generation_settings, prefetch=encoder.inputs.prefetch, **pool,
-                   **kwargs)  # fmt: skip
+def batch_shape(running: Any) -> dict[str, int]:
+    """Rows, columns and real (context) tokens of a running batch, whatever its cache."""
+    mask = running.used_mask if isinstance(running, SlotCache) else running.attention_mask
+    return {"rows": int(mask.shape[0]), "width": int(mask.shape[1]), "context_tokens": int(mask.sum())}
 
 
 class ForceStop:
@@ -218,8 +248,11 @@ def _timed(function: Callable[..., Any], timer: Timer, part: str) -> Callable[..
     return timed
 
 
-def cache_bytes(cache: Any) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+def cache_bytes(running: Any) -> int:
+    """Bytes of a running batch's keys and values: a ``SlotCache``'s buffers, or a ``DynamicCache``'s layers."""
+    if isinstance(running, SlotCache):
+        return sum(t.numel() * t.element_size() for t in (running.keys, running.values))
+    return sum(t.numel() * t.element_size() for layer in running.cache.layers for t in (layer.keys, layer.values))
 
 
 def peak_memory(device: torch.device) -> float | None:

@@ -13,10 +13,12 @@ import torch
 from .engine.batching import ModelBatch, TokenizedItem, collate
 from .engine.cache_pool import SlotCachePool
 from .engine.candidates import embed_candidates
+from .engine.decode_config import GREEDY, DecodeConfig, TokenChoice
 from .engine.decoder import ReasoningDecoder
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
-from .engine.slot_decoder import DECODERS, SlotDecoder, resolve_kv_cache
+from .engine.slot_batches import BATCHES, resolve_kv_cache
+from .engine.vision_attention import batch_windows
 from .errors import RGEInputError
 from .loading import (
     LoadedCheckpoint,
@@ -31,7 +33,7 @@ from .prompts import EMB_TOKEN, resolve_prompt
 from .tokenization import PromptTokenizer
 from .types import Embeddings, EncodeInput, ImageInput
 
-KV_CACHES = ("auto", *DECODERS)
+KV_CACHES = ("auto", *BATCHES)
 
 
 class Rationales(list[str]):
@@ -66,6 +68,7 @@ class RGEEncoder:
         if kv_cache not in KV_CACHES:
             raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         self.checkpoint = checkpoint
+        batch_windows(checkpoint.model)  # the vision tower's windows in few attention calls (same outputs)
         self.kv_cache = kv_cache
         """The query path's KV cache: "static" (``SlotCache`` with fixed-shape decode steps, replayed as CUDA
         graphs on CUDA), "preallocated" (``SlotCache``, eager steps), "dynamic" (transformers' ``DynamicCache``)
@@ -307,25 +310,29 @@ class RGEEncoder:
         generation: GenerationSettings | None = None,
         admission: bool = True,
         kv_cache: str | None = None,
+        choice: TokenChoice = GREEDY,
     ) -> ReasoningDecoder:
         """The query path's decoder as ``encode`` configures it (its cache, budget and generation settings;
-        ``kv_cache`` overrides the encoder's for this decoder).
+        ``kv_cache`` overrides the encoder's for this decoder, ``choice`` the arg-max).
 
         Lower-level than ``encode``: its ``stream()`` takes prepared items (``prepare``) as they arrive,
         which is how ``rge serve`` shares one running batch among requests.
         """
-        decoder = DECODERS[resolve_kv_cache(kv_cache or self.kv_cache, self.device)]
-        pool: dict[str, Any] = {"pool": self._cache_pool} if issubclass(decoder, SlotDecoder) else {}
-        return decoder(
-            self.model,
-            self.model_batch,
-            self.checkpoint.emb_token_id,
+        config = DecodeConfig(
+            emb_token_id=self.checkpoint.emb_token_id,
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             batch_size=batch_size,
-            admission=admission,
             generation=generation or self.generation_settings,
+            admission=admission,
+        )
+        return ReasoningDecoder(
+            self.model,
+            self.model_batch,
+            config,
+            kv_cache=resolve_kv_cache(kv_cache or self.kv_cache, self.device),
+            choice=choice,
             prefetch=self.inputs.prefetch,
-            **pool,
+            pool=self._cache_pool,
         )
 
     def release_decode_cache(self) -> None:

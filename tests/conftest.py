@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,33 @@ settings.register_profile("rge", derandomize=True, deadline=None, database=None,
 settings.load_profile("rge")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--rge-device",
+        default=os.environ.get("RGE_TEST_DEVICE", "cpu"),
+        help="device rge runs on in the engine tests, in float32 (default: $RGE_TEST_DEVICE or cpu); the "
+        "authors' reference stays on the CPU",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    """Where ``encoder`` runs: ``--rge-device`` or ``RGE_TEST_DEVICE`` (``benchmarks/gpu_check.sh`` sets cuda)."""
+    chosen = str(request.config.getoption("--rge-device"))
+    if chosen.startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.allow_tf32 = False  # the vision tower's convolution in true float32, as on the CPU
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return chosen
+
+
+def load_tiny(path: Path, device: str, **options: object) -> RGEEncoder:
+    """The tiny checkpoint on ``device`` in float32, with the tests' pixel budget and reasoning budget."""
+    settings = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "max_new_tokens": BUDGET, **options}
+    return RGEEncoder.from_pretrained(path, device=device, dtype="float32", **settings)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shaped like the published checkpoint: 4.51.3 files, tied padded vocabulary, real norms, base decoding."""
@@ -36,10 +64,8 @@ def tiny5_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def encoder(tiny_path: Path) -> RGEEncoder:
-    return RGEEncoder.from_pretrained(
-        tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=BUDGET
-    )
+def encoder(tiny_path: Path, device: str) -> RGEEncoder:
+    return load_tiny(tiny_path, device)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -28,17 +31,21 @@ def test_benchmark_suite_runs_and_variants_agree(tmp_path):
     assert all(0.0 <= row["padded_share"] < 1.0 for row in result["candidates"])
 
 
-def test_gpu_mode_runs_its_floor_analysis_on_any_device(tmp_path):
-    """The GPU mode's code (3-D floor analysis, first calls timed apart, bf16) run here at a tiny size."""
+@pytest.mark.parametrize("kv_cache", ["static", "preallocated", "dynamic"])
+def test_gpu_mode_runs_its_floor_analysis_with_every_cache(tmp_path, kv_cache):
+    """The GPU mode's code (3-D floor analysis, first calls timed apart, bf16) run here at a tiny size, with
+    each cache (static is the CUDA default: its slot cache's bytes are measured too)."""
     output = tmp_path / "gpu.json"
     subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--mode", "gpu", "--device", "cpu", "--sizes", "tiny",
          "--queries", "4", "--documents", "4", "--batch-sizes", "1", "4", "--budget", "4", "--floor-batch", "4",
-         "--output", str(output)],
+         "--kv-cache", kv_cache, "--output", str(output)],
         check=True, capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     result = json.loads(output.read_text())
     assert "bfloat16" in result["machine"] and {row["workload"] for row in result["query"]} == {"mixed, varied"}
+    rge_rows = [row for row in result["query"] if row["variant"].startswith("rge")]
+    assert rge_rows and all(row["peak_kv_mib"] > 0 and row["same_tokens"] for row in rge_rows)
     floor = result["floor"]
     assert floor["batch_size"] == 4 and floor["queries"] == 16 and 0 < floor["full_steps"] <= floor["decode_steps"]
     assert floor["decode_ms_p90"] >= floor["decode_ms_median"] > 0 and floor["decode_floor_ms_median"] > 0
@@ -97,3 +104,17 @@ def test_bf16_flip_benchmark_compares_the_three_pairs(tmp_path):
         if stats["queries_flipped"]:
             assert 0 <= stats["fp32_margin_at_flip_median"] <= stats["fp32_margin_at_flip_max"]
     assert 0 < row["fp32_margin_p10"] <= row["fp32_margin_median"]
+
+
+def test_the_gpu_check_runs_end_to_end_with_tiny_shapes_on_the_cpu(tmp_path):
+    """``benchmarks/gpu_check.sh``: the same steps a GPU session runs (tests on the device, the GPU benchmark,
+    the caches compared, bf16 flips), here with tiny shapes, each under its timeout, results in one folder."""
+    env = {**os.environ, "RGE_CHECK_DEVICE": "cpu", "RGE_CHECK_QUICK": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "check")], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = (tmp_path / "check" / "summary.txt").read_text().splitlines()
+    assert summary == ["tests: exit 0", "run: exit 0", "kv_cache: exit 0", "bf16_flips: exit 0"]
+    assert json.loads((tmp_path / "check" / "run.json").read_text())["floor"]["decode_steps"] > 0
+    assert "passed" in (tmp_path / "check" / "tests.log").read_text()
+    assert (tmp_path / "check" / "bf16-flips.json").is_file() and (tmp_path / "check" / "machine.txt").is_file()

@@ -8,7 +8,7 @@ import torch
 
 from rge import RGEEncoder, RGEInputError
 from rge.engine.kv_cache import SlotCache
-from rge.engine.slot_decoder import SlotDecoder
+from rge.engine.slot_batches import SlotBatches
 from rge.engine.static_step import bucket_for
 
 from .conftest import BUDGET
@@ -57,7 +57,7 @@ def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, 
 def test_public_api_uses_it_and_equals_the_dynamic_cache(encoder, preallocated, mixed_items, monkeypatch):
     used = []
     monkeypatch.setattr(
-        SlotDecoder, "run", lambda self, *a, _run=SlotDecoder.run, **k: used.append(1) or _run(self, *a, **k)
+        SlotBatches, "step", lambda self, *a, _step=SlotBatches.step, **k: used.append(1) or _step(self, *a, **k)
     )
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     got, got_rationales = preallocated.encode_query(texts, images=images, batch_size=4, return_rationales=True)
@@ -74,11 +74,14 @@ def test_compaction_moves_only_as_many_rows_as_finished():
 
     config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
                                                          num_hidden_layers=1, head_dim=4))  # fmt: skip
-    cache = SlotCache(config, slots=6, capacity=10, dtype=torch.float32, device=torch.device("cpu"))
+    cache = SlotCache(config, slots=6, capacity=10, dtype=torch.float32, device=torch.device("cpu"),
+                      max_new_tokens=4, penalize=True)  # fmt: skip
     cache.rows, cache.start, cache.end = 6, 2, 5
     for row in range(6):
         cache.keys[0, row, 0, :, 0] = row
         cache.mask[row, 2:5] = 1
+        cache.tokens[row], cache.output_rows[row], cache.positions[:, row] = 10 + row, 20 + row, 30 + row
+        cache.token_ids[row] = 40 + row
     writes = []
     original = torch.Tensor.__setitem__
 
@@ -89,11 +92,15 @@ def test_compaction_moves_only_as_many_rows_as_finished():
 
     torch.Tensor.__setitem__ = spy
     try:
-        order = cache.compact(torch.tensor([0, 2, 4, 5]))  # rows 1 and 3 finished
+        cache.compact([0, 2, 4, 5])  # rows 1 and 3 finished
     finally:
         torch.Tensor.__setitem__ = original
-    assert order.tolist() == [0, 4, 2, 5]  # slots 1 and 3 took rows 4 and 5
-    assert [int(cache.keys[0, row, 0, 2, 0]) for row in range(4)] == [0, 4, 2, 5]
+    moved = [0, 4, 2, 5]  # slots 1 and 3 took rows 4 and 5, whole: keys and state
+    assert [int(cache.keys[0, row, 0, 2, 0]) for row in range(4)] == moved
+    assert cache.tokens[:4].tolist() == [10 + row for row in moved]
+    assert cache.output_rows[:4].tolist() == [20 + row for row in moved]
+    assert cache.positions[0, :4].tolist() == [30 + row for row in moved]
+    assert cache.token_ids[:4, 0].tolist() == [40 + row for row in moved]
     assert len(writes) == 1 and writes[0][1].tolist() == [1, 3]  # one write of the two holes, nothing else
     assert cache.rows == 4 and not cache.mask[4:].any()
 

@@ -110,13 +110,11 @@ def test_the_repetition_penalty_decides_tokens_on_this_checkpoint(encoder, refer
     assert differing >= len(texts) // 2
 
 
-def test_penalty_override_per_call_and_per_encoder_matches_generate(encoder, reference, mixed_items, tiny_path):
-    from .conftest import MAX_PIXELS, MIN_PIXELS
+def test_penalty_override_per_call_and_per_encoder_matches_generate(encoder, reference, mixed_items, tiny_path,
+                                                                    device):  # fmt: skip
+    from .conftest import load_tiny
 
-    plain_encoder = RGEEncoder.from_pretrained(
-        tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, max_new_tokens=BUDGET,
-        repetition_penalty=1.0,
-    )  # fmt: skip
+    plain_encoder = load_tiny(tiny_path, device, repetition_penalty=1.0)
     assert plain_encoder.generation_settings.repetition_penalty == 1.0
     assert encoder.generation_settings.repetition_penalty == 1.05
     for text, image in mixed_items[:5]:

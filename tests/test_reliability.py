@@ -185,14 +185,17 @@ def oom_above(encoder, monkeypatch):
 
 @pytest.mark.parametrize("reason", [False, True])
 @pytest.mark.parametrize("limit", [1, 3])
-def test_out_of_memory_splits_and_retries(encoder, mixed_items, oom_above, reason, limit):
+def test_out_of_memory_splits_and_retries(encoder, mixed_items, oom_above, reason, limit, caplog):
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     oom_above["limit"] = len(texts)  # no fault: the unsplit run
     expected, expected_rationales = encoder.encode(texts, images=images, reason=reason, batch_size=8,
                                                    return_rationales=True)  # fmt: skip
     oom_above["limit"] = limit
-    got, rationales = encoder.encode(texts, images=images, reason=reason, batch_size=8, return_rationales=True)
+    with caplog.at_level("WARNING", logger="rge.engine"):
+        got, rationales = encoder.encode(texts, images=images, reason=reason, batch_size=8, return_rationales=True)
     assert oom_above["faults"] > 0
+    said = [record.message for record in caplog.records if "out of memory" in record.message]
+    assert 0 < len(said) <= oom_above["faults"]  # each halving said once, never silent
     assert list(rationales) == list(expected_rationales)
     assert rationales.num_generated_tokens == expected_rationales.num_generated_tokens
     np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,8 +10,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import ModelBatch, TokenizedItem, length_sorted_batches
-from .forward import build_position_ids, forward_prompts, release_memory
+from .forward import build_position_ids, forward_prompts
+from .memory import release_memory
 from .pooling import gather_at_token
+
+logger = logging.getLogger("rge.engine")
 
 
 def embed_candidates(
@@ -54,6 +58,7 @@ def _embed_rows(
     except torch.OutOfMemoryError:
         if len(rows) == 1:
             raise
+    logger.warning("rge: out of memory embedding %d documents at once; going on in halves", len(rows))
     release_memory()
     half = len(rows) // 2
     return torch.cat([_embed_rows(model, part, make_batch, emb_token_id) for part in (rows[:half], rows[half:])])

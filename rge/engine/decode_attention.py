@@ -6,11 +6,12 @@ right-aligned when admitted, and every later column is its own (rows move whole 
 
 - sdpa or eager (the model's own attention): the window as a 4-D boolean mask (transformers' sdpa folds
   the query heads onto their key/value head for one-token queries, so the cache is not repeated);
-- flash-attention (the model loaded with it, on CUDA, 2.6 or later): its KV-cache kernel,
+- a model loaded with flash-attention: transformers' flash path takes a 2-D padding mask only, so
+  ``install_flash_dispatch`` wraps the registered flash attention function: a call that carries a
+  ``decode_window`` goes to flash-attention's KV-cache kernel,
   ``flash_attn_with_kvcache(cache_leftpad=first, cache_seqlens=stop)``, which reads each row's own
-  columns only. transformers' flash path takes a 2-D padding mask, so ``install_flash_dispatch`` wraps
-  the registered flash attention function: a call that carries a ``decode_window`` goes to the kernel,
-  every other call (prefill, other models, other threads) to the function it wraps, unchanged.
+  columns only (2.6 or later, in half precision), or else to sdpa with the 4-D mask; every other call
+  (prefill, other models, other threads) goes to the function it wraps, unchanged.
 """
 
 from __future__ import annotations
@@ -60,24 +61,62 @@ def flash_kvcache_kernel() -> Callable[..., torch.Tensor] | None:
     return flash_attn_with_kvcache  # type: ignore[no-any-return]
 
 
-def uses_flash_kernel(language_model: Any, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether decode steps call flash-attention: loaded with it, on CUDA, in a half-precision dtype."""
-    loaded_with = str(language_model.config._attn_implementation or "")
-    return (
-        loaded_with.startswith("flash_attention")
-        and device.type == "cuda"
-        and dtype in (torch.float16, torch.bfloat16)
-        and flash_kvcache_kernel() is not None
-    )
+def prepared_mask(allowed: torch.Tensor, model: Any) -> torch.Tensor:
+    """A one-token step's (R, 1, 1, T) boolean mask in the form transformers hands a prepared 4-D mask to the
+    model's attention as it is: additive (0 or the dtype's minimum) for eager, boolean otherwise (sdpa; the
+    flash dispatch reads the ``DecodeWindow``). A prepared mask spares transformers' mask building, which
+    reads the device every step."""
+    if str(model.config._attn_implementation or "") != "eager":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def step_mask(attention_mask: torch.Tensor, model: Any) -> torch.Tensor:
+    """The mask of a one-token step over ``attention_mask``'s (R, T) columns (the new one included), as the
+    model's attention takes it prepared; a flash-attention model keeps the 2-D padding mask its path takes."""
+    if loaded_with_flash(model):
+        return attention_mask
+    return prepared_mask(attention_mask.bool()[:, None, None, :], model)
+
+
+def loaded_with_flash(language_model: Any) -> bool:
+    """Whether the model runs flash-attention (its decode steps then go through ``install_flash_dispatch``)."""
+    return str(language_model.config._attn_implementation or "").startswith("flash_attention")
+
+
+def kvcache_kernel_for(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """flash-attention's KV-cache kernel, where it can take this step: CUDA, half precision, 2.6 or later."""
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        return flash_kvcache_kernel()
+    return None
+
+
+def decode_attention(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: DecodeWindow, scaling: Any
+) -> torch.Tensor:
+    """A decode step's attention in a flash-attention model: the KV-cache kernel where it takes the window
+    (``kvcache_kernel_for``), else sdpa with the window as a mask (never transformers' flash wrapper, which
+    takes a 2-D padding mask only)."""
+    kernel = kvcache_kernel_for(query)
+    if kernel is not None:
+        return flash_decode(kernel, query, key, value, window, scaling)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    output, _ = sdpa_attention_forward(module, query, key, value, window.mask, scaling=scaling)
+    return output  # type: ignore[no-any-return]
 
 
 def flash_decode(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, window: DecodeWindow, scaling: float | None
+    kernel: Callable[..., torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: DecodeWindow,
+    scaling: float | None,
 ) -> torch.Tensor:
     """One-token queries (B, H, 1, D) against whole-capacity keys and values (B, Hk, C, D), each row within
     its window; returns (B, 1, H, D), as transformers' attention functions do."""
-    kernel = flash_kvcache_kernel()
-    assert kernel is not None
     return kernel(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -91,7 +130,7 @@ def flash_decode(
 
 def install_flash_dispatch(implementation: str) -> None:
     """Wrap the attention function registered as ``implementation``: calls with a ``decode_window`` run
-    ``flash_decode``, all others the wrapped function. Idempotent."""
+    ``decode_attention``, all others the wrapped function. Idempotent."""
     wrapped = AttentionInterface._global_mapping[implementation]
     if getattr(wrapped, "rge_wrapped", None) is not None:
         return
@@ -108,7 +147,7 @@ def install_flash_dispatch(implementation: str) -> None:
     ) -> tuple[torch.Tensor, Any]:
         if decode_window is None:
             return wrapped(module, query, key, value, attention_mask, *args, **kwargs)  # type: ignore[no-any-return]
-        return flash_decode(query, key, value, decode_window, kwargs.get("scaling")), None
+        return decode_attention(module, query, key, value, decode_window, kwargs.get("scaling")), None
 
     dispatch.rge_wrapped = wrapped  # type: ignore[attr-defined]
     AttentionInterface.register(implementation, dispatch)

@@ -34,12 +34,6 @@ def build_position_ids(model: Any, batch: ModelBatch) -> torch.Tensor:
     return torch.cat([text.unsqueeze(0), vision.to(text.device)], dim=0)
 
 
-def release_memory() -> None:
-    """Return cached blocks to the device after an out-of-memory error, before retrying smaller."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def forward_prompts(
     model: Any, batch: ModelBatch, position_ids: torch.Tensor, cache: Any | None = None
 ) -> torch.Tensor:

@@ -129,15 +129,16 @@ def apply_repetition_penalty(scores: torch.Tensor, token_ids: torch.Tensor, pena
     ``token_ids`` (R, T); returns ``scores``.
 
     The same gather, ``where`` and scatter as ``RepetitionPenaltyLogitsProcessor``: its cost grows with the
-    rows' lengths, not with the vocabulary; a repeated id is written twice with the same value.
+    rows' lengths, not with the vocabulary; a repeated id is written twice with the same value, so a row's
+    ids may repeat (a fixed-width buffer pads with the row's own ids).
     """
     score = torch.gather(scores, 1, token_ids)
     score = torch.where(score < 0, score * penalty, score / penalty)
     return scores.scatter_(1, token_ids, score)
 
 
-def best_token_holds_top_p(scores: torch.Tensor, settings: GenerationSettings) -> bool:
-    """Whether top-p sampling of every row keeps the best token alone (so the arg-max is its draw)."""
+def top_p_holds(scores: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """Per row: whether top-p sampling keeps the best token alone (so the arg-max is its draw); a tensor,
+    read with the step's other results."""
     assert settings.top_p is not None
-    best = torch.softmax(scores / settings.temperature, dim=-1).amax(dim=-1)
-    return bool((best >= settings.top_p).all())
+    return torch.softmax(scores / settings.temperature, dim=-1).amax(dim=-1) >= settings.top_p

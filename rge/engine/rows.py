@@ -1,6 +1,8 @@
-"""The state of a running decode batch and the operations on it: keeping rows, merging newcomers.
+"""The state of rows being decoded together in a ``DynamicCache``, and how queries are grouped for prefill.
 
-Rows are identified by ``indices``: the output row each one writes its embedding and tokens to.
+Rows are identified by their output row (the stream's row for the query). ``DynamicRows`` is what a
+prefill gives every cache kind (the newcomers), and the running batch of the dynamic kind; the slot kinds
+copy it into a ``SlotCache``.
 """
 
 from __future__ import annotations
@@ -16,54 +18,65 @@ from .batching import TokenizedItem
 
 
 @dataclass
-class Outputs:
-    """Where rows write: embeddings and generated tokens (-1 where none), by output row (a row's index)."""
-
-    embeddings: torch.Tensor  # (N, D) float32
-    tokens: torch.Tensor  # (N, max_new_tokens)
-
-    @classmethod
-    def allocate(cls, rows: int, hidden_size: int, max_new_tokens: int, device: torch.device) -> Outputs:
-        return cls(
-            embeddings=torch.empty((rows, hidden_size), dtype=torch.float32, device=device),
-            tokens=torch.full((rows, max_new_tokens), -1, dtype=torch.long, device=device),
-        )
-
-
-@dataclass
-class Running:
-    """The rows being decoded together and their shared state."""
+class DynamicRows:
+    """Rows decoded together in a ``DynamicCache``, and their state."""
 
     cache: Any
     attention_mask: torch.Tensor  # (R, T)
-    next_positions: torch.Tensor  # (4, R): positions of the token each row feeds next
-    next_tokens: torch.Tensor  # (R,): the token each row feeds next
-    indices: torch.Tensor  # (R,): output row of each row
-    counts: torch.Tensor  # (R,): tokens generated so far (next_tokens included)
+    positions: torch.Tensor  # (4, R): positions of the token each row feeds next
+    tokens: torch.Tensor  # (R,): the token each row feeds next
+    output_rows: torch.Tensor  # (R,)
+    counts: torch.Tensor  # (R,): tokens generated so far (the next one included)
+    history: torch.Tensor  # (R, max_new_tokens): tokens generated, -1 after the last
     token_ids: torch.Tensor | None  # (R, T): ids in each row, for the repetition penalty (None: no penalty)
 
     @property
     def size(self) -> int:
-        return int(self.indices.shape[0])
+        return int(self.output_rows.shape[0])
 
-    def take_rows(self, rows: torch.Tensor) -> None:
-        """Keep the row state (not the cache or mask) of positions ``rows``, in that order."""
-        self.next_positions = self.next_positions[:, rows]
-        self.next_tokens = self.next_tokens[rows]
-        self.indices = self.indices[rows]
-        self.counts = self.counts[rows]
-        if self.token_ids is not None:
-            self.token_ids = self.token_ids[rows]
+    def output_rows_list(self) -> list[int]:
+        return [int(row) for row in self.output_rows.tolist()]
 
-    def row_state_with(self, other: Running) -> dict[str, Any]:
-        """The row state (not the cache or mask) of these rows followed by ``other``'s."""
-        return {
-            "next_positions": torch.cat([self.next_positions, other.next_positions], dim=1),
-            "next_tokens": torch.cat([self.next_tokens, other.next_tokens]),
-            "indices": torch.cat([self.indices, other.indices]),
-            "counts": torch.cat([self.counts, other.counts]),
-            "token_ids": merge_token_ids(self.token_ids, other.token_ids),
-        }
+    def keep(self, positions: Sequence[int]) -> None:
+        """Keep only the rows at ``positions``, in that order; columns no row uses any more are dropped."""
+        keep = torch.tensor(list(positions), device=self.tokens.device)
+        self.cache.batch_select_indices(keep)
+        self.attention_mask = self.attention_mask[keep]
+        self.positions, self.tokens = self.positions[:, keep], self.tokens[keep]
+        self.output_rows, self.counts, self.history = self.output_rows[keep], self.counts[keep], self.history[keep]
+        self.token_ids = None if self.token_ids is None else self.token_ids[keep]
+        used = self.attention_mask.any(dim=0)
+        first_used = int(used.int().argmax())
+        if first_used:
+            self.attention_mask = self.attention_mask[:, first_used:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first_used:]
+                layer.values = layer.values[:, :, first_used:]
+
+    def append(self, other: DynamicRows) -> None:
+        """Add ``other``'s rows after these; the narrower cache is left-padded (masked) to the wider."""
+        width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+
+        def left_pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - tensor.shape[dim]
+            return F.pad(tensor, [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]) if missing else tensor
+
+        for old, new in zip(self.cache.layers, other.cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)])
+            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)])
+        self.attention_mask = torch.cat([left_pad(self.attention_mask, 1), left_pad(other.attention_mask, 1)])
+        self.positions = torch.cat([self.positions, other.positions], dim=1)
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.output_rows = torch.cat([self.output_rows, other.output_rows])
+        self.counts, self.history = torch.cat([self.counts, other.counts]), torch.cat([self.history, other.history])
+        if self.token_ids is not None and other.token_ids is not None:
+            width = max(self.token_ids.shape[1], other.token_ids.shape[1])
+            self.token_ids = torch.cat([pad_ids(self.token_ids, width), pad_ids(other.token_ids, width)])
+
+
+def pad_ids(token_ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows' ids left-padded to ``width`` with each row's own first id (the penalty reads them as a set)."""
+    return torch.cat([token_ids[:, :1].expand(-1, width - token_ids.shape[1]), token_ids], dim=1)
 
 
 def length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[list[TokenizedItem]]:
@@ -82,48 +95,3 @@ def length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[lis
 
 def longest_first(item: TokenizedItem) -> tuple[int, int]:
     return (-len(item), item.index)
-
-
-def select_rows(running: Running, keep: torch.Tensor) -> None:
-    """Keep only rows ``keep`` in the cache and row state; trim columns that are padding for all rows."""
-    running.cache.batch_select_indices(keep)
-    running.attention_mask = running.attention_mask[keep]
-    running.take_rows(keep)
-    first_used = int(running.attention_mask.any(dim=0).int().argmax())
-    if first_used:
-        running.attention_mask = running.attention_mask[:, first_used:]
-        for layer in running.cache.layers:
-            layer.keys = layer.keys[:, :, first_used:]
-            layer.values = layer.values[:, :, first_used:]
-
-
-def merge(running: Running | None, newcomers: Running) -> Running:
-    """One batch from two: the shorter cache is left-padded (masked) to the longer one's width."""
-    if running is None:
-        return newcomers
-    width = max(running.attention_mask.shape[1], newcomers.attention_mask.shape[1])
-
-    def left_pad(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        missing = width - tensor.shape[dim]
-        if not missing:
-            return tensor
-        pad = [0, 0] * (tensor.ndim - 1 - dim) + [missing, 0]
-        return F.pad(tensor, pad)
-
-    for old, new in zip(running.cache.layers, newcomers.cache.layers):
-        old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)])
-        old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)])
-    return Running(
-        cache=running.cache,
-        attention_mask=torch.cat([left_pad(running.attention_mask, 1), left_pad(newcomers.attention_mask, 1)]),
-        **running.row_state_with(newcomers),
-    )
-
-
-def merge_token_ids(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
-    """Rows' ids of two batches in one tensor; a shorter row is left-padded with its own first id."""
-    if old is None or new is None:
-        return None
-    width = max(old.shape[1], new.shape[1])
-    padded = [torch.cat([ids[:, :1].expand(-1, width - ids.shape[1]), ids], dim=1) for ids in (old, new)]
-    return torch.cat(padded)

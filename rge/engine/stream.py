@@ -6,27 +6,29 @@ Queries wait in arrival order; the image work of the next ``rows`` of them is st
 nothing runs), waiting queries whose inputs are ready are admitted: each takes a free output row, the
 newcomers are prefilled in groups of similar length and merged into the batch. Each ``step`` feeds
 every running row once and hands back the queries that finished in it, so a caller can answer as soon
-as its own queries are done.
-A cancelled query leaves the batch before the next step. On out-of-memory, unfinished queries start
-again with half the rows (finished ones keep their results).
+as its own queries are done. A cancelled query leaves the batch before the next step. On out-of-memory,
+unfinished queries start again with half the rows (finished ones keep their results), and a warning
+says so. The stream drives the batch through ``DecodeBatches`` (``batches.py``), whatever its KV cache.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
+from .batches import DecodeBatches, FinishedRow
 from .batching import TokenizedItem
-from .forward import release_memory
-from .rows import Outputs, Running, length_groups, longest_first
+from .decode_config import TokenChoice
+from .memory import release_memory
+from .rows import length_groups, longest_first
 
-if TYPE_CHECKING:
-    from .decoder import ReasoningDecoder
+logger = logging.getLogger("rge.engine")
 
 Prefetch = Callable[[Sequence[TokenizedItem], Callable[[], None] | None], None]
 """Starts making the inputs of these items in workers; the callback (if any) runs as each is ready."""
@@ -43,7 +45,7 @@ class FinishedQuery:
 
 
 class DecodeStream:
-    """Decodes the queries submitted to it, ``rows`` at most at once (default: the decoder's batch size).
+    """Decodes the queries submitted to it, ``rows`` at most at once (default: the batch size).
 
     Not thread-safe: one thread submits, cancels and steps (a server's engine loop). Without ``on_ready``
     queries are admitted in arrival order, a step waiting for their inputs if they are not made yet, so a
@@ -52,18 +54,22 @@ class DecodeStream:
     """
 
     def __init__(
-        self, decoder: ReasoningDecoder, rows: int | None = None, on_ready: Callable[[], None] | None = None
+        self,
+        batches: DecodeBatches,
+        choice: TokenChoice,
+        *,
+        rows: int | None = None,
+        prefetch: Prefetch | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
-        self.decoder = decoder
-        self._on_ready = on_ready
-        self.rows = max(1, min(decoder.batch_size, rows or decoder.batch_size))
-        hidden_size = int(decoder.model.config.text_config.hidden_size)
-        self._outputs = Outputs.allocate(self.rows, hidden_size, decoder.max_new_tokens, decoder.model.device)
+        config = batches.config
+        self.batches, self.choice, self.prefetch, self._on_ready = batches, choice, prefetch, on_ready
+        self.rows = max(1, min(config.batch_size, rows or config.batch_size))
         self._free_rows = list(range(self.rows - 1, -1, -1))
         self._waiting: deque[tuple[Hashable, TokenizedItem]] = deque()
         self._admitted: dict[int, tuple[Hashable, TokenizedItem]] = {}  # output row -> (key, item)
-        self._running: Running | None = None
-        self._limit, self._admit_at = self.rows, decoder.admit_at
+        self._running: Any = None
+        self._limit, self._admit_at = self.rows, config.admit_at(self.rows)
 
     @property
     def busy(self) -> bool:
@@ -86,16 +92,12 @@ class DecodeStream:
     @property
     def running(self) -> int:
         """Queries in the running batch."""
-        return 0 if self._running is None else self._running.size
+        return 0 if self._running is None else int(self._running.size)
 
     @property
     def running_keys(self) -> list[Hashable]:
         """Keys of the queries in the running batch, in batch order."""
-        return [] if self._running is None else [self.key_of(row) for row in self._running.indices.tolist()]
-
-    def key_of(self, row: int) -> Hashable:
-        """The key of the query decoding in output row ``row`` (the index its batch row carries)."""
-        return self._admitted[row][0]
+        return [] if self._running is None else [self._admitted[row][0] for row in self._running.output_rows_list()]
 
     def submit(self, queries: Iterable[tuple[Hashable, TokenizedItem]]) -> None:
         """Queue ``(key, item)`` pairs; keys must be unique among queries not yet finished."""
@@ -107,7 +109,7 @@ class DecodeStream:
         dropped = set(keys)
         self._waiting = deque(entry for entry in self._waiting if entry[0] not in dropped)
         self._prefetch()  # the window of prefetched queries moves up over the ones that left
-        rows = [row for row, (key, _) in self._admitted.items() if key in dropped]
+        rows = {row for row, (key, _) in self._admitted.items() if key in dropped}
         if not rows:
             return
         for row in rows:
@@ -115,13 +117,12 @@ class DecodeStream:
             self._free_rows.append(row)
         running = self._running
         if running is not None:
-            leaving = torch.tensor(rows, device=running.indices.device)
-            keep = (~torch.isin(running.indices, leaving)).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                self._running = None
-                self.decoder._release(running)
-            elif keep.numel() < running.size:
-                self.decoder._select_rows(running, keep)
+            order = running.output_rows_list()
+            keep = [position for position, row in enumerate(order) if row not in rows]
+            if len(keep) < len(order):
+                self._running = self.batches.keep(running, keep)
+                if self._running is None:
+                    self.batches.release(running)
 
     def step(self) -> list[FinishedQuery]:
         """Admit waiting queries if there is room, feed every running row once; the queries finished."""
@@ -131,23 +132,23 @@ class DecodeStream:
             running = self._running
             if running is None:
                 return []
-            self._running, finished = self.decoder._step(running, self._outputs)
+            self._running, finished = self.batches.step(running)
             if self._running is None:
-                self.decoder._release(running)
+                self.batches.release(running)
         except torch.OutOfMemoryError:
             if self._limit == 1:
                 raise
             self._restart_smaller()
             return []
-        return self._collect(finished) if finished.numel() else []
+        return [self._finish(row) for row in finished]
 
     def _may_admit(self) -> bool:
         if self._running is None:
             return True
-        return self.decoder.admission and self._limit - self._running.size >= self._admit_at
+        return self.batches.config.admission and self._limit - self._running.size >= self._admit_at
 
     def _admit(self) -> None:
-        free = self._limit - (0 if self._running is None else self._running.size)
+        free = self._limit - self.running
         if self._on_ready is None:  # in arrival order, waiting for inputs if need be: the same batches every run
             chosen = list(itertools.islice(self._waiting, free))
         else:  # never wait: whoever is ready
@@ -158,47 +159,44 @@ class DecodeStream:
         self._waiting = deque(entry for entry in self._waiting if id(entry) not in taken)
         self._prefetch()
         newcomers = [self._take_row(*entry) for entry in chosen]
-        for group in length_groups(sorted(newcomers, key=longest_first), self.decoder.max_padding):
-            prefilled = self.decoder._prefill(group, self._outputs)
-            self._running = self.decoder._merge(self._running, prefilled, self.rows)
+        self.choice.admit([item.index for item in newcomers], [self._admitted[item.index][0] for item in newcomers])
+        for group in length_groups(sorted(newcomers, key=longest_first), self.batches.config.max_padding):
+            self._running = self.batches.merge(self._running, self.batches.prefill(group), self.rows)
 
     def _ready(self, item: TokenizedItem) -> bool:
         """Whether ``item`` can be admitted without waiting (without prefetching, its inputs are made when
         batched, so it always can)."""
-        return self.decoder.prefetch is None or item.ready()
+        return self.prefetch is None or item.ready()
 
     def _prefetch(self) -> None:
         """Start the input work of the next ``rows`` waiting queries."""
-        if self.decoder.prefetch is not None and self._waiting:
+        if self.prefetch is not None and self._waiting:
             ahead = [item for _, item in itertools.islice(self._waiting, self.rows)]
-            self.decoder.prefetch(ahead, self._on_ready)
+            self.prefetch(ahead, self._on_ready)
 
     def _take_row(self, key: Hashable, item: TokenizedItem) -> TokenizedItem:
         """Give a query a free output row; it becomes the index its batch row carries."""
         row = self._free_rows.pop()
-        self._outputs.tokens[row] = -1
         self._admitted[row] = (key, item)
         return replace(item, index=row)
 
-    def _collect(self, finished: torch.Tensor) -> list[FinishedQuery]:
-        rows = finished.tolist()
-        embeddings = self._outputs.embeddings[finished].cpu()
-        tokens = self._outputs.tokens[finished].cpu()
-        done = []
-        for row, embedding, generated in zip(rows, embeddings, tokens):
-            key, _ = self._admitted.pop(row)
-            self._free_rows.append(row)
-            done.append(FinishedQuery(key, embedding, generated[generated >= 0].tolist()))
-        return done
+    def _finish(self, finished: FinishedRow) -> FinishedQuery:
+        key, _ = self._admitted.pop(finished.row)
+        self._free_rows.append(finished.row)
+        return FinishedQuery(key, finished.embedding, finished.token_ids)
 
     def _restart_smaller(self) -> None:
         """After out-of-memory: unfinished queries wait again (longest first), with half the rows."""
+        if self._running is not None:
+            self.batches.release(self._running)
         retry = list(self._admitted.values())
         self._free_rows.extend(self._admitted)
         self._admitted.clear()
         self._waiting.extendleft(sorted(retry, key=lambda entry: longest_first(entry[1]), reverse=True))
         self._running = None
         self._limit = max(1, self._limit // 2)
-        self._admit_at = max(1, min(self._admit_at, self._limit // 4))
+        self._admit_at = min(self._admit_at, self.batches.config.admit_at(self._limit))
+        logger.warning("rge: out of memory decoding %d queries; going on with at most %d at once",
+                       len(retry), self._limit)  # fmt: skip
         release_memory()
         self._prefetch()
