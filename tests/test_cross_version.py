@@ -9,8 +9,10 @@ processing or decoding would make the token ids or vectors differ here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -31,14 +33,24 @@ BUDGET = 128  # the authors' max_new_tokens
 
 
 def _legacy_python() -> Path:
-    """The python of a venv with transformers 4.51.3 over this environment's packages (made once, reused)."""
-    default = Path.home() / ".cache" / "rge" / f"venv-transformers-{AUTHORS_TRANSFORMERS}"
+    """The python of a venv with transformers 4.51.3 over the packages of the environment running the tests
+    (made once per environment, reused).
+
+    ``--system-site-packages`` would expose the base interpreter's packages, not those of a virtual
+    environment the tests run in (where torch is); a ``.pth`` file naming this environment's site-packages
+    exposes the right ones, after the venv's own (so its transformers 4.51.3 comes first).
+    """
+    here = [path for path in site.getsitepackages() if Path(path).is_dir()]
+    key = hashlib.sha256(("\n".join([sys.prefix, *here])).encode()).hexdigest()[:12]
+    default = Path.home() / ".cache" / "rge" / f"venv-transformers-{AUTHORS_TRANSFORMERS}-{key}"
     venv = Path(os.environ.get("RGE_LEGACY_VENV", default))
     python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import transformers; print(transformers.__version__)"]
+    probe = [str(python), "-c", "import torch, transformers; print(transformers.__version__)"]
     if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == AUTHORS_TRANSFORMERS:
         return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    (legacy_site,) = Path(venv).glob("lib/python*/site-packages")
+    (legacy_site / "rge-tests-parent.pth").write_text("\n".join(here) + "\n", encoding="utf-8")
     install = [str(python), "-m", "pip", "install", "--quiet", f"transformers=={AUTHORS_TRANSFORMERS}"]
     subprocess.run(install, check=True, capture_output=True, text=True)
     assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == AUTHORS_TRANSFORMERS
