@@ -41,11 +41,11 @@ else
 fi
 
 # shellcheck disable=SC2086  # the test files are separate words
-step tests 180 python -m pytest -q -p no:cacheprovider --rge-device "$device" \
+step tests 220 python -m pytest -q -p no:cacheprovider --rge-device "$device" \
   -W error::rge.engine.static_step.GraphFallbackWarning --junitxml "$out/tests.xml" $tests
-step run 150 python benchmarks/run.py --mode gpu --device "$device" --sizes "$size" "${run[@]}" --output "$out/run.json"
-step kv_cache 90 python benchmarks/kv_cache.py --device "$device" --sizes "$size" "${kv[@]}"
-step bf16_flips 90 python benchmarks/bf16_flips.py --device "$device" --sizes "$size" "${flips[@]}" \
+step run 140 python benchmarks/run.py --mode gpu --device "$device" --sizes "$size" "${run[@]}" --output "$out/run.json"
+step kv_cache 80 python benchmarks/kv_cache.py --device "$device" --sizes "$size" "${kv[@]}"
+step bf16_flips 80 python benchmarks/bf16_flips.py --device "$device" --sizes "$size" "${flips[@]}" \
   --output "$out/bf16-flips.json"
 echo "results in $out (summary.txt, one .log per step)"
 exit "$status"

@@ -140,11 +140,16 @@ def forced_decoder(
     encoder: RGEEncoder, *, schedule: Sequence[int], batch_size: int, kv_cache: str | None = None, **kwargs: Any
 ) -> ReasoningDecoder:
     """The decoder ``encode_query`` would use (its cache: static steps on CUDA, unless ``kv_cache`` says
-    otherwise) with the forced schedule; slot caches come from the encoder's pool, so graphs captured once
-    are replayed by later runs."""
-    choice = ForcedSchedule(schedule, encoder.checkpoint.emb_token_id, banned_ids(encoder), batch_size,
-                            encoder.device)  # fmt: skip
-    return encoder.query_decoder(batch_size, kv_cache=kv_cache, choice=choice, **kwargs)
+    otherwise) with the forced schedule; slot caches come from the encoder's pool and one schedule is one
+    choice object, so graphs captured by a warm-up are replayed by the timed runs after it."""
+    key = (id(encoder), tuple(schedule), batch_size)
+    if key not in _CHOICES:  # (the encoder is kept with its choice: its id is not reused meanwhile)
+        _CHOICES[key] = (encoder, ForcedSchedule(schedule, encoder.checkpoint.emb_token_id, banned_ids(encoder),
+                                                 batch_size, encoder.device))  # fmt: skip
+    return encoder.query_decoder(batch_size, kv_cache=kv_cache, choice=_CHOICES[key][1], **kwargs)
+
+
+_CHOICES: dict[tuple[int, tuple[int, ...], int], tuple[RGEEncoder, ForcedSchedule]] = {}
 
 
 class TimedBatches:

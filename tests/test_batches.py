@@ -80,7 +80,8 @@ def test_a_step_reads_the_device_once_before_its_results(encoder, mixed_items, m
     def step(self, running):
         with device_reads() as reads:
             result = original(self, running)
-        steps.append((len(result[1]), reads))
+        checks = ("_check_first_replay", "hidden_difference", "same_choices")  # once per graph, on CUDA
+        steps.append((len(result[1]), [read for read in reads if read not in checks]))
         return result
 
     monkeypatch.setattr(kind, "step", step)
@@ -123,3 +124,17 @@ def test_every_cache_kind_decodes_with_eager_attention_too(encoder, tiny_path, m
         got, got_rationales = eager.encode_query(texts, images=images, batch_size=4, return_rationales=True)
         assert got_rationales.token_ids == rationales.token_ids, name
         assert float((got * expected).sum(axis=1).min()) >= 0.9999, name
+
+
+@pytest.mark.parametrize("name", ["dynamic", "preallocated", "static"])
+def test_a_budget_of_one_token_matches_the_authors_algorithm(encoder, reference, mixed_items, name):
+    """One token: the prefill chooses it and the only step feeds it (every row ends on the budget)."""
+    from .test_candidates import cosine
+
+    cached = RGEEncoder(encoder.checkpoint, max_new_tokens=1, kv_cache=name)
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    result = cached.query_decoder(3, 1).run(cached.prepare(texts, images, reason=True))
+    for row, (text, image) in enumerate(mixed_items):
+        vector, tokens = reference.query(text, image, max_new_tokens=1)
+        assert result.generated[row] == tokens and len(tokens) == 1, row
+        assert cosine(result.embeddings[row], vector) >= 0.9999, row

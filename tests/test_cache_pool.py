@@ -78,6 +78,8 @@ def test_the_pool_lends_its_cache_to_one_decode_and_replaces_a_misfit(encoder):
     pool.give_back(cache)
     again = take(7, 200)
     assert again is cache and (cache.rows, cache.end, int(cache.mask.sum())) == (0, 0, 0)  # emptied
+    pool.give_back(cache)
+    assert take(1, 300) is cache  # more slots than asked for cost nothing: steps run a bucket of the rows
     for misfit in ({"columns": 100}, {"slots": 9}, {"columns": 500}, {"max_new_tokens": 16}, {"penalize": True}):
         pool.give_back(cache)
         slots, columns = misfit.pop("slots", 8), misfit.pop("columns", 300)

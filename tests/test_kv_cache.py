@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from rge import RGEEncoder, RGEInputError
-from rge.engine.kv_cache import SlotCache
+from rge.engine.kv_cache import SlotCache, bucket_for
 from rge.engine.slot_batches import SlotBatches
-from rge.engine.static_step import bucket_for
 
 from .conftest import BUDGET
 from .test_candidates import cosine
@@ -103,6 +102,37 @@ def test_compaction_moves_only_as_many_rows_as_finished():
     assert cache.token_ids[:4, 0].tolist() == [40 + row for row in moved]
     assert len(writes) == 1 and writes[0][1].tolist() == [1, 3]  # one write of the two holes, nothing else
     assert cache.rows == 4 and not cache.mask[4:].any()
+
+
+def test_running_out_of_memory_while_growing_leaves_the_cache_whole(monkeypatch):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1,
+                                                         num_hidden_layers=1, head_dim=4))  # fmt: skip
+    cache = SlotCache(config, slots=2, capacity=16, dtype=torch.float32, device=torch.device("cpu"),
+                      max_new_tokens=4, penalize=True)  # fmt: skip
+    cache.rows, cache.start, cache.end = 2, 3, 9
+    torch.manual_seed(0)
+    cache.keys.normal_(), cache.values.normal_(), cache.mask[:2, 3:9].fill_(1), cache.token_ids.fill_(5)
+    before = {name: getattr(cache, name).clone() for name in ("keys", "values", "mask", "token_ids")}
+    allocations, original = [], torch.Tensor.new_zeros
+
+    def tight(tensor, *args, **kwargs):
+        allocations.append(1)
+        if len(allocations) > 1:  # the keys fit, the values do not
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_zeros", tight)
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.ensure_columns(40)
+    monkeypatch.undo()
+    assert (cache.capacity, cache.start, cache.end) == (16, 3, 9)
+    for name, tensor in before.items():
+        assert torch.equal(getattr(cache, name), tensor), name
+    cache.ensure_columns(40)  # and it grows whole once memory allows
+    assert cache.capacity >= 40 and (cache.start, cache.end) == (0, 6)
+    assert torch.equal(cache.keys[:, :2, :, :6], before["keys"][:, :2, :, 3:9])
 
 
 @pytest.mark.parametrize("limit", [1, 3])

@@ -55,7 +55,7 @@ def flash_kvcache_as_documented(calls):
         groups = q.shape[2] // k_cache.shape[2]
         keys, values = (t.repeat_interleave(groups, dim=2) for t in (k_cache, v_cache))
         scores = torch.einsum("bqhd,bchd->bhqc", q, keys) * softmax_scale
-        columns = torch.arange(k_cache.shape[1])
+        columns = torch.arange(k_cache.shape[1], device=k_cache.device)
         visible = (columns >= cache_leftpad[:, None]) & (columns < cache_seqlens[:, None])
         scores = scores.masked_fill(~visible[:, None, None, :], -torch.inf)
         return torch.einsum("bhqc,bchd->bqhd", scores.softmax(dim=-1), values)
@@ -152,6 +152,9 @@ class FakeGraphs:
 
     def capture(self, run, restore):
         self.captures += 1
+        for _ in range(2):  # warm-ups, as CudaGraphs runs them: each undone by restore
+            run()
+            restore()
         replay = self.replay_of(self.step, self.cache, self.bucket, run)
 
         def counted():
@@ -210,7 +213,7 @@ def test_a_faithful_graph_is_checked_once_then_replayed(encoder, mixed_items, ex
     assert_same(encode_static(encoder, mixed_items), expected)
     assert made and all(graphs.replays > graphs.captures > 0 for graphs in made)
     captures, replays = sum(graphs.captures for graphs in made), sum(graphs.replays for graphs in made)
-    assert scored["inside"] == replays and scored["outside"] <= 2 * captures < replays
+    assert scored["inside"] == replays and scored["outside"] <= 4 * captures < replays
     assert not [w for w in recwarn if issubclass(w.category, GraphFallbackWarning)]
 
 
@@ -224,9 +227,21 @@ def test_a_replay_with_wrong_states_falls_back_to_eager_steps(encoder, mixed_ite
     assert_same(result, expected)
 
 
+def test_a_replay_with_other_tokens_falls_back_to_eager_steps(encoder, mixed_items, expected, graphs_on_cpu):
+    """Hidden states alike are not enough: a replay must also choose the eager step's tokens."""
+
+    def other_tokens(step, cache, bucket, run):
+        return lambda: (run(), cache.tokens[:bucket].add_(1))
+
+    graphs_on_cpu(other_tokens)
+    with pytest.warns(GraphFallbackWarning, match="its chosen tokens"):
+        result = encode_static(encoder, mixed_items)
+    assert_same(result, expected)
+
+
 def test_a_window_one_column_off_fails_the_replay_check(encoder, graphs_on_cpu):
     """The check is tight enough to see a graph whose rows leave out their first column, even in a long
-    prompt where one column of 800 moves the hidden states by less than 1% (2e-3 to 1e-2 here)."""
+    prompt where one column of 800 moves the hidden states by 7e-4 to 2.4e-3 on average."""
 
     def shifted(step, cache, bucket, run):
         def replay():
@@ -295,7 +310,8 @@ def test_graphs_are_captured_on_the_caches_device(monkeypatch):
 
     class Stream:
         def __init__(self, device=None):  # torch's default: the current device
-            seen.append(("stream", current["device"] if device is None else torch.device(device).index))
+            self.device = current["device"] if device is None else torch.device(device).index
+            seen.append(("stream", self.device))
 
         def wait_stream(self, other):
             pass
@@ -305,8 +321,10 @@ def test_graphs_are_captured_on_the_caches_device(monkeypatch):
             pass
 
     class Capture:
-        def __init__(self, graph, pool=None):
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
             seen.append(("graph pool", pool))
+            seen.append(("capture stream", stream.device))
+            assert capture_error_mode == "thread_local"  # input workers may go on meanwhile
 
         def __enter__(self):
             seen.append(("capture on", current["device"]))
@@ -325,5 +343,5 @@ def test_graphs_are_captured_on_the_caches_device(monkeypatch):
     runs = []
     CudaGraphs(torch.device("cuda:1")).capture(lambda: runs.append(current["device"]), lambda: None)
     assert runs == [1, 1, 1]  # two warm-ups and the captured run, all on device 1
-    assert {index for kind, index in seen if kind in ("stream", "current", "capture on")} == {1}
+    assert {index for kind, index in seen if kind in ("stream", "current", "capture on", "capture stream")} == {1}
     assert ("graph pool", ("pool of", 1)) in seen

@@ -38,21 +38,12 @@ class FinishedRow:
     token_ids: list[int]
 
 
-class Batch(Protocol):
-    """A running batch, as the stream sees it."""
-
-    @property
-    def size(self) -> int: ...
-
-    def output_rows_list(self) -> list[int]:
-        """Each row's output row, in batch order (reads the device)."""
-        ...
-
-
 class DecodeBatches(Protocol):
-    """The per-batch operations of one KV-cache kind; a ``DecodeStream`` drives them."""
+    """The per-batch operations of one KV-cache kind; a ``DecodeStream`` drives them. A running batch is
+    the kind's own object (a ``Batch``)."""
 
     config: DecodeConfig
+    choice: TokenChoice
     hidden_size: int
 
     def prefill(self, items: Sequence[TokenizedItem]) -> DynamicRows:
@@ -60,7 +51,7 @@ class DecodeBatches(Protocol):
         ...
 
     def merge(self, running: Any | None, newcomers: DynamicRows, slots: int) -> Any:
-        """``newcomers`` joined to the running batch (at most ``slots`` rows ever run together)."""
+        """``newcomers`` joined to the running batch (at most ``slots`` rows run together now)."""
         ...
 
     def step(self, running: Any) -> tuple[Any | None, list[FinishedRow]]:
@@ -162,6 +153,18 @@ class Prefiller:
     def scores(self, hidden: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         return penalized_scores(self.model, hidden, token_ids, self.config)
 
+    def conclude(
+        self, running: Any, hidden: torch.Tensor, done: torch.Tensor, holds: torch.Tensor | None
+    ) -> tuple[Any | None, list[FinishedRow]]:
+        """After a step: read which rows finished (the step's one read of the device), copy their results,
+        keep the others."""
+        positions = read_finished(done, holds)
+        finished = finished_rows(hidden, running.history, running.output_rows, positions)
+        if not positions:
+            return running, finished
+        gone = set(positions)
+        return self.keep(running, [p for p in range(running.size) if p not in gone]), finished  # type: ignore[attr-defined]
+
     def prefill(self, items: Sequence[TokenizedItem]) -> DynamicRows:
         from transformers import DynamicCache
 
@@ -202,12 +205,7 @@ class DynamicBatches(Prefiller):
         done, chosen, holds = choose_next(self.scores, hidden, running.tokens, running.counts, running.output_rows,
                                           running.token_ids, self.config, self.choice)  # fmt: skip
         advance(chosen, done, running.tokens, running.counts, running.positions, running.history)
-        positions = read_finished(done, holds)
-        finished = finished_rows(hidden, running.history, running.output_rows, positions)
-        if not positions:
-            return running, finished
-        gone = set(positions)
-        return self.keep(running, [p for p in range(running.size) if p not in gone]), finished
+        return self.conclude(running, hidden, done, holds)
 
     def keep(self, running: DynamicRows, positions: Sequence[int]) -> DynamicRows | None:
         if not positions:

@@ -5,9 +5,10 @@ for every ``encode_query`` call would pay that again each time. The pool hands i
 at a time (``take``) and takes it back when that decode's batch empties (``give_back``). It holds one
 cache at most: one that does not fit the next request is freed before a new one is made (the cache's
 layers hold it weakly, so dropping the last reference frees its buffers at once). A cache fits when it
-has the slots asked for (rounded up to a bucket), the same history size and penalty, and between the
-columns needed and twice as many (sdpa's fixed-shape steps attend over the whole capacity, so a far
-larger cache costs time).
+has at least the slots asked for, the same history size and penalty, and between the columns needed and
+twice as many (sdpa's fixed-shape steps attend over the whole capacity, so a far larger cache costs
+time). Captured graphs hold the model's weights by address: after changing the weights in place (a
+merge, ``model.to(...)``), call ``RGEEncoder.release_decode_cache()``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any
 
 import torch
 
-from .kv_cache import COLUMN_ROUNDING, SlotCache, round_columns
-from .static_step import bucket_for
+from .kv_cache import COLUMN_ROUNDING, SlotCache, bucket_for, round_columns
 
 
 class SlotCachePool:
@@ -76,7 +76,7 @@ def _fits(
     penalize: bool,
 ) -> bool:
     return (
-        cache.slots == slots
+        cache.slots >= slots  # steps run a bucket of the rows, not of the slots: a larger cache costs no time
         and columns <= cache.capacity <= 2 * max(columns, COLUMN_ROUNDING)
         and cache.keys.dtype == dtype
         and cache.keys.device == device

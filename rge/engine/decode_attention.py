@@ -81,8 +81,9 @@ def step_mask(attention_mask: torch.Tensor, model: Any) -> torch.Tensor:
 
 
 def loaded_with_flash(language_model: Any) -> bool:
-    """Whether the model runs flash-attention (its decode steps then go through ``install_flash_dispatch``)."""
-    return str(language_model.config._attn_implementation or "").startswith("flash_attention")
+    """Whether the model runs a flash-attention (its decode steps then go through ``install_flash_dispatch``):
+    any implementation named with "flash", hub kernels included, as transformers tells them apart."""
+    return "flash" in str(language_model.config._attn_implementation or "")
 
 
 def kvcache_kernel_for(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:

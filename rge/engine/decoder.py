@@ -54,7 +54,7 @@ class ReasoningDecoder:
         pool: SlotCachePool | None = None,
     ) -> None:
         kind = BATCHES[kv_cache]
-        self.config, self.choice, self.prefetch = config, choice, prefetch
+        self.config, self.prefetch = config, prefetch
         self.batches: DecodeBatches = (
             kind(model, make_batch, config, choice, pool) if issubclass(kind, SlotBatches)  # type: ignore[assignment]
             else kind(model, make_batch, config, choice)
@@ -81,4 +81,4 @@ class ReasoningDecoder:
         Without ``on_ready`` a step waits for the inputs it needs when nothing else can run; with it, a step
         never waits, and ``on_ready`` is called (from a worker) when a waiting item's inputs are made.
         """
-        return DecodeStream(self.batches, self.choice, rows=rows, prefetch=self.prefetch, on_ready=on_ready)
+        return DecodeStream(self.batches, rows=rows, prefetch=self.prefetch, on_ready=on_ready)

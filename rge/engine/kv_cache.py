@@ -35,6 +35,13 @@ from transformers.cache_utils import DynamicLayer
 
 COLUMN_ROUNDING = 128
 """Capacities are multiples of this (attention over the whole capacity pads nothing more)."""
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+"""Row counts a fixed-shape step runs (its rows padded up to one), and slot counts caches are made with."""
+
+
+def bucket_for(rows: int, slots: int) -> int:
+    """The smallest bucket that holds ``rows`` (never more than ``slots``)."""
+    return min(next((size for size in BUCKETS if size >= rows), rows), slots)
 
 
 class _SlotLayer(DynamicLayer):
@@ -156,23 +163,25 @@ class SlotCache(Cache):
         self._move(0)
 
     def ensure_columns(self, columns: int) -> None:
-        """Grow the buffers (copying the used columns to the left) if fewer than ``columns`` fit."""
+        """Grow the buffers (copying the used columns to the left) if fewer than ``columns`` fit. Every new
+        buffer is made before any replaces an old one: running out of memory here leaves the cache whole."""
         if columns <= self.capacity:
             return
         capacity = round_columns(max(columns, self.capacity + self.capacity // 2))
-        width, used = self.end - self.start, slice(self.start, self.end)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros((*old.shape[:3], capacity, old.shape[4]))
-            new[:, : self.rows, :, :width] = old[:, : self.rows, :, used]
-            setattr(self, name, new)
+        width, rows, used = self.end - self.start, self.rows, slice(self.start, self.end)
+        keys = self.keys.new_zeros((*self.keys.shape[:3], capacity, self.keys.shape[4]))
+        values = self.values.new_zeros(keys.shape)
         mask = self.mask.new_zeros((self.mask.shape[0], capacity))
-        mask[: self.rows, :width] = self.mask[: self.rows, used]
-        if self.token_ids is not None:
-            ids = self.token_ids[:, :1].expand(-1, capacity).clone()  # each row's own id fills the new columns
-            ids[: self.rows, :width] = self.token_ids[: self.rows, used]
-            self.token_ids = ids
-        self.mask, self.start, self.end = mask, 0, width
+        ids = None if self.token_ids is None else self.token_ids[:, :1].expand(-1, capacity).clone()
+        keys[:, :rows, :, :width], values[:, :rows, :, :width] = (
+            self.keys[:, :rows, :, used],
+            self.values[:, :rows, :, used],
+        )
+        mask[:rows, :width] = self.mask[:rows, used]
+        if ids is not None and self.token_ids is not None:  # each row's own id fills the new columns
+            ids[:rows, :width] = self.token_ids[:rows, used]
+        self.keys, self.values, self.mask, self.token_ids = keys, values, mask, ids
+        self.start, self.end = 0, width
 
     def admit(self, newcomers: Any) -> None:
         """Copy newcomers (``rows.DynamicRows``: a prefill cache of ``n`` rows and width ``w``, and their

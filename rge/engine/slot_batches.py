@@ -20,8 +20,6 @@ from .batches import (
     Prefiller,
     advance,
     choose_next,
-    finished_rows,
-    read_finished,
 )
 from .batching import ModelBatch, TokenizedItem
 from .cache_pool import SlotCachePool
@@ -61,13 +59,7 @@ class SlotBatches(Prefiller):
         return cache
 
     def step(self, cache: SlotCache) -> tuple[SlotCache | None, list[FinishedRow]]:
-        hidden, done, holds = self._step(cache)
-        positions = read_finished(done, holds)
-        finished = finished_rows(hidden, cache.history, cache.output_rows, positions)
-        if not positions:
-            return cache, finished
-        gone = set(positions)
-        return self.keep(cache, [p for p in range(cache.rows) if p not in gone]), finished
+        return self.conclude(cache, *self._step(cache))
 
     def keep(self, cache: SlotCache, positions: Sequence[int]) -> SlotCache | None:
         if not positions:

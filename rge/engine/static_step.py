@@ -30,47 +30,43 @@ import torch
 from .batches import advance, choose_next, penalized_scores
 from .decode_attention import DecodeWindow, install_flash_dispatch, loaded_with_flash, prepared_mask
 from .decode_config import DecodeConfig, TokenChoice
-from .kv_cache import SlotCache
+from .kv_cache import SlotCache, bucket_for
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-REPLAY_TOLERANCE = 1e-3
-"""Largest |replayed - eager| / (1 + |eager|) of the hidden states accepted when a graph's first replay
-is checked. A replay runs the eager step's kernels on the same inputs; a window off by one column moves
-the states by far more (``tests/test_static_step.py``)."""
+REPLAY_TOLERANCE = 1e-4
+"""Largest mean of |replayed - eager| / (1 + |eager|) over the hidden states (in float32) accepted when a
+graph's first replay is checked. A replay runs the eager step's kernels on the same inputs, so it agrees
+to the bit, or to the odd bf16 rounding step (a mean of about 2e-6 for one in a thousand values); a row
+that attends to one column too few in an 800-token prompt moves its states by 7e-4 to 2.4e-3 on average
+(``tests/test_static_step.py``)."""
 
 
 class GraphFallbackWarning(RuntimeWarning):
     """A CUDA graph could not be captured or replayed faithfully; decoding goes on with eager steps."""
 
 
-def bucket_for(rows: int, slots: int) -> int:
-    """The smallest bucket that holds ``rows`` (never more than the cache's ``slots``)."""
-    return min(next((size for size in BUCKETS if size >= rows), rows), slots)
-
-
 class CudaGraphs:
-    """Captures CUDA graphs of a step on ``device`` (its own side stream and memory pool), whatever device
-    is current when it runs."""
+    """Captures CUDA graphs of a step on ``device``, whatever device is current when it runs: warm-ups and
+    captures on one side stream of that device (not transformers' or torch's default capture stream,
+    which belongs to whichever device made it first), graphs in one memory pool made there. The capture is
+    thread-local: other threads (input workers pinning memory) go on while this one captures."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pool: Any = None
+        with torch.cuda.device(device):
+            self._side = torch.cuda.Stream(device)
+            self._pool: Any = torch.cuda.graph_pool_handle()
 
     def capture(self, run: Callable[[], None], restore: Callable[[], None]) -> Callable[[], None]:
-        """A graph of ``run`` (warmed up twice on a side stream, ``restore`` undoing each warm-up's writes);
-        returns its replay."""
+        """A graph of ``run`` (warmed up twice, ``restore`` undoing each warm-up's writes); returns its replay."""
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
                 for _ in range(2):
                     run()
                     restore()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._side, capture_error_mode="thread_local"):
                 run()  # recorded, not run
         return graph.replay  # type: ignore[no-any-return]
 
@@ -161,6 +157,7 @@ class StaticDecodeStep:
             except torch.OutOfMemoryError:
                 raise  # the stream retries with fewer rows; graphs stay on
             except RuntimeError as error:
+                state.restore()  # a warm-up may have stopped halfway
                 self._fall_back(f"CUDA graph capture failed ({error})")
             self._run(cache, bucket)  # this step runs eagerly; the graph's first replay is checked later
             return
@@ -176,13 +173,13 @@ class StaticDecodeStep:
         eager = _State(cache, bucket, self)
         before.restore()
         self._captured[key]()
-        difference = float(((self.hidden[:bucket] - eager.hidden).abs() / (1 + eager.hidden.abs())).max())
-        same_choices = eager.same_choices(_State(cache, bucket, self))
-        if difference <= REPLAY_TOLERANCE and same_choices:
+        replayed = _State(cache, bucket, self)
+        difference = eager.hidden_difference(replayed)
+        if difference <= REPLAY_TOLERANCE and eager.same_choices(replayed):
             self._verified.add(key)
             return
         before.restore()
-        self._run(cache, bucket)  # again, eagerly: the replay may have written wrong keys and values too
+        self._run(cache, bucket)  # again, eagerly (a replay reading wrong columns also wrote wrong keys there)
         what = f"hidden states by {difference:.3g}" if difference > REPLAY_TOLERANCE else "its chosen tokens"
         self._fall_back(f"a CUDA graph replay differs from the eager step ({what})")
 
@@ -193,21 +190,28 @@ class StaticDecodeStep:
 
 
 class _State:
-    """A copy of what a step writes in the first ``bucket`` slots (and the step's outputs), to put back."""
+    """A copy of what a step writes in the first ``bucket`` slots, and of its outputs, to compare or put back.
+    (Keys, values and the fed ids are written at the step's column, the same by every run from one state.)"""
 
     def __init__(self, cache: SlotCache, bucket: int, step: StaticDecodeStep) -> None:
         self.cache, self.bucket, self.step = cache, bucket, step
-        self.buffers = [cache.tokens, cache.counts, cache.history, step.hidden, step.done]
-        self.saved = [buffer[:bucket].clone() for buffer in self.buffers]
-        self.positions = cache.positions[:, :bucket].clone()
-        self.hidden = step.hidden[:bucket].clone()
+        self.tokens, self.counts = cache.tokens[:bucket].clone(), cache.counts[:bucket].clone()
+        self.history, self.positions = cache.history[:bucket].clone(), cache.positions[:, :bucket].clone()
+        self.hidden, self.done = step.hidden[:bucket].clone(), step.done[:bucket].clone()
 
     def restore(self) -> None:
-        for buffer, saved in zip(self.buffers, self.saved):
-            buffer[: self.bucket].copy_(saved)
-        self.cache.positions[:, : self.bucket].copy_(self.positions)
+        cache, bucket = self.cache, self.bucket
+        cache.tokens[:bucket], cache.counts[:bucket], cache.history[:bucket] = self.tokens, self.counts, self.history
+        cache.positions[:, :bucket] = self.positions
+        self.step.hidden[:bucket], self.step.done[:bucket] = self.hidden, self.done
+
+    def hidden_difference(self, other: _State) -> float:
+        """Mean |other - self| / (1 + |self|) of the hidden states, in float32."""
+        mine, theirs = self.hidden.float(), other.hidden.float()
+        return float(((theirs - mine).abs() / (1 + mine.abs())).mean())
 
     def same_choices(self, other: _State) -> bool:
-        """The same tokens, counts, history and finished rows (everything but the hidden states)."""
-        return all(torch.equal(mine, theirs) for mine, theirs in zip(self.saved[:3] + self.saved[4:5],
-                                                                    other.saved[:3] + other.saved[4:5]))  # fmt: skip
+        """The same tokens, counts, history, positions and finished rows."""
+        pairs = ((self.tokens, other.tokens), (self.counts, other.counts), (self.history, other.history),
+                 (self.positions, other.positions), (self.done, other.done))  # fmt: skip
+        return all(torch.equal(mine, theirs) for mine, theirs in pairs)

@@ -24,7 +24,6 @@ import torch
 
 from .batches import DecodeBatches, FinishedRow
 from .batching import TokenizedItem
-from .decode_config import TokenChoice
 from .memory import release_memory
 from .rows import length_groups, longest_first
 
@@ -56,14 +55,13 @@ class DecodeStream:
     def __init__(
         self,
         batches: DecodeBatches,
-        choice: TokenChoice,
         *,
         rows: int | None = None,
         prefetch: Prefetch | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         config = batches.config
-        self.batches, self.choice, self.prefetch, self._on_ready = batches, choice, prefetch, on_ready
+        self.batches, self.prefetch, self._on_ready = batches, prefetch, on_ready
         self.rows = max(1, min(config.batch_size, rows or config.batch_size))
         self._free_rows = list(range(self.rows - 1, -1, -1))
         self._waiting: deque[tuple[Hashable, TokenizedItem]] = deque()
@@ -139,8 +137,10 @@ class DecodeStream:
             if self._limit == 1:
                 raise
             self._restart_smaller()
-            return []
-        return [self._finish(row) for row in finished]
+        else:
+            return [self._finish(row) for row in finished]
+        release_memory()  # out of the handler: the failed step's tensors are gone now
+        return []
 
     def _may_admit(self) -> bool:
         if self._running is None:
@@ -159,9 +159,11 @@ class DecodeStream:
         self._waiting = deque(entry for entry in self._waiting if id(entry) not in taken)
         self._prefetch()
         newcomers = [self._take_row(*entry) for entry in chosen]
-        self.choice.admit([item.index for item in newcomers], [self._admitted[item.index][0] for item in newcomers])
+        self.batches.choice.admit(
+            [item.index for item in newcomers], [self._admitted[item.index][0] for item in newcomers]
+        )
         for group in length_groups(sorted(newcomers, key=longest_first), self.batches.config.max_padding):
-            self._running = self.batches.merge(self._running, self.batches.prefill(group), self.rows)
+            self._running = self.batches.merge(self._running, self.batches.prefill(group), self._limit)
 
     def _ready(self, item: TokenizedItem) -> bool:
         """Whether ``item`` can be admitted without waiting (without prefetching, its inputs are made when
@@ -186,9 +188,8 @@ class DecodeStream:
         return FinishedQuery(key, finished.embedding, finished.token_ids)
 
     def _restart_smaller(self) -> None:
-        """After out-of-memory: unfinished queries wait again (longest first), with half the rows."""
-        if self._running is not None:
-            self.batches.release(self._running)
+        """After out-of-memory: unfinished queries wait again (longest first), with half the rows. The running
+        batch's cache is dropped, not kept for reuse: it may be what did not fit (the next is sized anew)."""
         retry = list(self._admitted.values())
         self._free_rows.extend(self._admitted)
         self._admitted.clear()
@@ -198,5 +199,4 @@ class DecodeStream:
         self._admit_at = min(self._admit_at, self.batches.config.admit_at(self._limit))
         logger.warning("rge: out of memory decoding %d queries; going on with at most %d at once",
                        len(retry), self._limit)  # fmt: skip
-        release_memory()
         self._prefetch()

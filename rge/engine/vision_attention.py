@@ -21,7 +21,7 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 def batch_windows(model: Any) -> int:
     """Make every vision attention module of ``model`` stack equal windows (unless it runs flash-attention,
     which needs no loop); returns how many modules were changed."""
-    if str(model.config.vision_config._attn_implementation or "").startswith("flash_attention"):
+    if "flash" in str(model.config.vision_config._attn_implementation or ""):
         return 0
     modules = [module for module in model.modules() if isinstance(module, qwen.Qwen2_5_VLVisionAttention)]
     for module in modules:
