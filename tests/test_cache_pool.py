@@ -120,5 +120,19 @@ def test_a_long_lived_stream_keeps_one_cache_and_release_frees_it_at_once(static
                 while stream.busy:
                     stream.step()
         assert len(made) >= 1 and alive(made) == 1  # the pool's, kept for the next decode
+        kept = static._cache_pool.idle
+        assert kept is not None
+        held, kept_bytes = allocated(static.device), kept.keys.nbytes + kept.values.nbytes
+        del kept
         static.release_decode_cache()
         assert alive(made) == 0  # freed now, with the cycle collector off
+        if static.device.type == "cuda":  # and so are its bytes (keys and values at least)
+            assert allocated(static.device) <= held - kept_bytes
+
+
+def allocated(device: torch.device) -> int:
+    """Bytes the caching allocator has handed out on ``device`` (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.memory_allocated(device))
