@@ -23,8 +23,8 @@ from .corpus_rows import (
     BadRow,
     CorpusRow,
     Fields,
-    ReadLog,
     count_rows,
+    input_keys,
     missing_columns,
     read_corpus,
 )
@@ -49,7 +49,6 @@ class JobReport:
     shards: int
     output: Path
     errors: list[dict[str, Any]] = field(default_factory=list)
-    ignored_keys: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,8 +84,9 @@ def check_job(
     input_path: str | Path, output_dir: str | Path, settings: dict[str, Any], fields: Fields = DEFAULT_FIELDS
 ) -> None:
     """Refuse a job that cannot run, before any model is loaded: a missing input, one that is not JSONL or
-    parquet, a parquet input without the mapped columns, an output that is a file, or an output folder
-    holding an index made with other ``settings``."""
+    parquet, a parquet input without the mapped columns, an output that is a file, an output folder
+    holding an index made with other ``settings``, or an input with keys that no field maps and
+    ``fields.ignore`` does not name (read in one pass over the rows, last, as the slowest check)."""
     input_path, output = Path(input_path), Path(output_dir)
     if not input_path.is_file():
         raise RGEJobError(f"input file {str(input_path)!r} not found")
@@ -104,6 +104,23 @@ def check_job(
             f"{output} holds an index made with other settings {changed} (before, now); "
             "use another --output folder or the original settings"
         )
+    unmapped = _unmapped_keys_message(input_path, fields)
+    if unmapped:
+        raise RGEJobError(unmapped)
+
+
+def _unmapped_keys_message(input_path: Path, fields: Fields) -> str | None:
+    """Why the input's keys that no field maps cannot be left out silently, or None when there are none."""
+    keys = input_keys(input_path)
+    unmapped = sorted(keys - {fields.id, fields.text, fields.image, *fields.ignore})
+    if not unmapped:
+        return None
+    options = {"--id-field": fields.id, "--text-field": fields.text, "--image-field": fields.image}
+    absent = {option: key for option, key in options.items() if key not in keys}
+    unused = f" (no row has {' or '.join(map(repr, absent.values()))})" if absent else ""
+    named, options_named = ", ".join(map(repr, unmapped)), " / ".join(absent or options)
+    return (f"{str(input_path)!r} has keys that no field maps: {named}{unused}; map one with {options_named} KEY, "
+            f"or leave them out with --ignore-fields {','.join(unmapped)}")  # fmt: skip
 
 
 def encode_corpus(
@@ -120,8 +137,9 @@ def encode_corpus(
     """Encode the corpus into ``output_dir``; ``encode_rows`` turns chunks of rows into results, in order.
 
     ``settings`` (model, side, pixel budget, ...) is recorded in the manifest; a rerun with other settings
-    is refused. ``fields`` names the id, text and image keys. Returns counts, the bad rows (also written to
-    ``errors.jsonl``) and the input's keys that no field maps.
+    is refused. ``fields`` names the id, text and image keys and the keys to leave out; any other key is
+    refused (``RGEJobError``) before ``encode_rows`` runs. Returns counts and the bad rows (also written to
+    ``errors.jsonl``).
     """
     input_path, output = Path(input_path), Path(output_dir)
     check_job(input_path, output, settings, fields)
@@ -131,17 +149,14 @@ def encode_corpus(
     job = {**settings, "input": str(input_path.resolve()), "shard_size": shard_size, "rows": plan.rows}
     _start(output, job)
     done = {shard for shard in range(plan.shards) if _valid_shard(output, plan, shard)}
-    log = ReadLog()
-    pending = _pending_chunks(read_corpus(input_path, fields, log), plan, done, chunk_size)
+    pending = _pending_chunks(read_corpus(input_path, fields), plan, done, chunk_size)
     with tqdm(total=plan.rows, desc="encoding", unit="row", disable=not progress, smoothing=0.05) as bar:
         bar.update(sum(plan.rows_in(shard) for shard in done))
         writer = _ShardWriter(output, plan)
         for (rows, bad), (vectors, rationales, failed) in encode_rows(pending):
             writer.add(rows, bad, vectors, rationales, failed)
             bar.update(len(rows) + len(bad))
-    report = _finish(output, plan, job)
-    report.ignored_keys = sorted(log.ignored_keys)
-    return report
+    return _finish(output, plan, job)
 
 
 def _start(output: Path, job: dict[str, Any]) -> None:
@@ -263,10 +278,12 @@ def _finish(output: Path, plan: ShardPlan, job: dict[str, Any]) -> JobReport:
     return JobReport(plan.rows, encoded, len(errors), plan.shards, output, errors)
 
 
-def load_embeddings(path: str | Path, *, return_ids: bool = False) -> Any:
+def load_embeddings(path: str | Path, *, return_ids: bool = False, return_rationales: bool = False) -> Any:
     """The (N, D) float32 embeddings of an ``rge encode`` output, in input order (failed rows left out).
 
-    With ``return_ids=True``, ``(embeddings, ids)``.
+    With ``return_ids=True`` and/or ``return_rationales=True``, a tuple: ``(embeddings, ids, rationales)``
+    with what was asked for. The rationales are the texts ``encode_query(..., return_rationales=True)``
+    gives (``--side query``); "" for each row of a ``--side document`` index, as on the candidate path.
     """
     output = Path(path)
     manifest_path = output / MANIFEST
@@ -275,13 +292,15 @@ def load_embeddings(path: str | Path, *, return_ids: bool = False) -> Any:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if not manifest.get("complete"):
         raise RGEJobError(f"{output} is unfinished; rerun the same rge encode command to complete it")
-    vectors, ids = [], []
+    vectors, ids, rationales = [], [], list[str]()
     for shard in range(manifest["shards"]):
         arrays, meta = load_arrays(ShardPlan.path(output, shard))
         vectors.append(arrays["embeddings"])
         ids += meta["ids"]
+        rationales += meta["rationales"] or [""] * len(meta["ids"])
     embeddings = np.concatenate(vectors).astype(np.float32, copy=False)
-    return (embeddings, ids) if return_ids else embeddings
+    extras = [values for values, wanted in ((ids, return_ids), (rationales, return_rationales)) if wanted]
+    return (embeddings, *extras) if extras else embeddings
 
 
 def local_encode_rows(encoder: Any, side: str, batch_size: int) -> EncodeRows:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,13 @@ INPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
 
 @dataclass(frozen=True)
 class Fields:
-    """Which keys (JSONL) or columns (parquet) hold each row's id, text and image."""
+    """Which keys (JSONL) or columns (parquet) hold each row's id, text and image, and which other keys to
+    leave out on purpose (``ignore``): any other key is refused, so a misspelled field never drops data."""
 
     id: str = "id"
     text: str = "text"
     image: str = "image"
+    ignore: tuple[str, ...] = ()
 
 
 DEFAULT_FIELDS = Fields()
@@ -44,30 +46,18 @@ class BadRow:
     error: str
 
 
-@dataclass
-class ReadLog:
-    """What reading noticed beyond bad rows: keys no field maps (reported, not used)."""
-
-    ignored_keys: set[str] = field(default_factory=set)
-
-
-def read_corpus(
-    path: str | Path, fields: Fields = DEFAULT_FIELDS, log: ReadLog | None = None
-) -> Iterator[CorpusRow | BadRow]:
+def read_corpus(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[CorpusRow | BadRow]:
     """Stream the rows of a JSONL file (one object per line) or a parquet file, mapped by ``fields``.
 
     An image is a path (relative to the input file's folder unless absolute), encoded bytes, or a
     ``{"bytes", "path"}`` struct as Hugging Face datasets store images. A repeated id is a bad row naming
-    the line of its first use. Keys no field maps are collected in ``log``.
+    the line of its first use. Keys no field maps are not read (``input_keys`` finds them first).
     """
     path = Path(path)
     records = parquet_records(path) if path.suffix.lower() == ".parquet" else jsonl_records(path)
     first_line: dict[str, int] = {}
-    known = {fields.id, fields.text, fields.image}
     for position, (line, record) in enumerate(records):
         row = _row(position, line, record, path.parent, fields)
-        if isinstance(record, dict) and log is not None:
-            log.ignored_keys.update(set(record) - known)
         if isinstance(row, CorpusRow):
             first = first_line.setdefault(row.id, line)
             if first != line:
@@ -97,6 +87,19 @@ def missing_columns(path: Path, fields: Fields) -> list[str]:
     if fields.text not in columns and fields.image not in columns:
         missing += [fields.text, fields.image]
     return missing
+
+
+def input_keys(path: Path) -> set[str]:
+    """Every key of the input's rows (JSONL: one pass over all objects) or every column (parquet)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return set(pq.ParquetFile(path).schema_arrow.names)
+    keys: set[str] = set()
+    for _, record in jsonl_records(path):
+        if isinstance(record, dict):
+            keys.update(record)
+    return keys
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:

@@ -1,4 +1,8 @@
-"""Crash-safe files: written under a temporary name, then renamed into place, so a file is whole or absent."""
+"""Crash-safe files: written under a temporary name, then renamed into place, so a file is whole or absent.
+
+Every file rge writes follows the process umask, as ``open`` would make it; safetensors files too, which
+safetensors itself leaves readable by their owner alone (``follow_umask``).
+"""
 
 from __future__ import annotations
 
@@ -39,7 +43,34 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, A
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     encoded = {key: json.dumps(value, ensure_ascii=False) for key, value in (metadata or {}).items()}
     save_file({key: np.ascontiguousarray(value) for key, value in arrays.items()}, str(temporary), metadata=encoded)
+    follow_umask(temporary)
     os.replace(temporary, path)
+
+
+def follow_umask(path: Path) -> None:
+    """Give the file at ``path`` (a folder: each ``*.safetensors`` file in it) the mode ``open`` would have.
+
+    safetensors 0.8 and later write through a private temporary file and rename it, so its files come out
+    0600 whatever the umask; call this after every safetensors write, ``save_pretrained``'s included.
+    """
+    mode = 0o666 & ~process_umask()
+    for file in path.glob("*.safetensors") if path.is_dir() else [path]:
+        file.chmod(mode)
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``); elsewhere it
+    is set and put back at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

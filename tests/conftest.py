@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,23 @@ def load_tiny(path: Path, device: str, **options: object) -> RGEEncoder:
     """The tiny checkpoint on ``device`` in float32, with the tests' pixel budget and reasoning budget."""
     settings = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "max_new_tokens": BUDGET, **options}
     return RGEEncoder.from_pretrained(path, device=device, dtype="float32", **settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process umask for one test, restored after (0o002 unless parametrized with ``indirect=True``)."""
+    mask = getattr(request, "param", 0o002)
+    previous = os.umask(mask)
+    try:
+        yield mask
+    finally:
+        os.umask(previous)
+
+
+def file_modes(folder: Path) -> dict[str, int]:
+    """The permission bits of every file under ``folder``, by relative path."""
+    return {path.relative_to(folder).as_posix(): stat.S_IMODE(path.stat().st_mode)
+            for path in sorted(folder.rglob("*")) if path.is_file()}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

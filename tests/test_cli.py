@@ -7,10 +7,12 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import rge
 from rge import RGECheckpointError, RGEEncoder, __version__
 from rge.cli import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, main
 from rge.cli.errors import EXIT_MODEL, CLIError
@@ -121,6 +123,14 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"rge {__version__} (rge-embeddings)"
+
+
+def test_python_dash_m_rge_is_the_rge_command():
+    root = Path(rge.__file__).resolve().parents[1]  # `python -m` imports from the working folder first
+    done = subprocess.run([sys.executable, "-m", "rge", "--version"], capture_output=True, text=True, timeout=120,
+                          cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"rge {__version__} (rge-embeddings)"
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

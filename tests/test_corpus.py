@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import rge.corpus
 from rge import load_embeddings
 from rge.cli import ENCODE_EXIT_ROWS_FAILED, main
-from rge.corpus import RGEJobError
+from rge.corpus import RGEJobError, encode_corpus
 from rge.testing import make_test_image
 
-from .conftest import MAX_PIXELS, MIN_PIXELS
+from .conftest import MAX_PIXELS, MIN_PIXELS, file_modes
 
 
 def _write_corpus(folder: Path, count: int = 23) -> Path:
@@ -88,21 +89,24 @@ def test_encode_reports_bad_rows_and_keeps_input_order(encoder, tiny_path, tmp_p
     assert "5 rows failed" in capsys.readouterr().err
 
 
-def test_query_side_stores_rationales(encoder, tiny_path, tmp_path):
+def test_query_side_stores_rationales_and_loads_them_back(encoder, tiny_path, tmp_path):
     corpus = _write_corpus(tmp_path, count=8)
     main(_args(corpus, tmp_path / "q", tiny_path, "--side", "query", "--max-new-tokens", "6"))
-    from rge.storage import load_arrays
-
-    shards = sorted((tmp_path / "q").glob("shard-*"))
-    rationales = [r for shard in shards for r in load_arrays(shard)[1]["rationales"]]
+    vectors, ids, rationales = load_embeddings(tmp_path / "q", return_ids=True, return_rationales=True)
     encoder_budget = encoder.max_new_tokens
     try:
         encoder.max_new_tokens = 6
-        expected, _, expected_rationales = _expected(encoder, corpus, reason=True)
+        expected, expected_ids, expected_rationales = _expected(encoder, corpus, reason=True)
     finally:
         encoder.max_new_tokens = encoder_budget
-    assert rationales == expected_rationales
-    np.testing.assert_allclose(load_embeddings(tmp_path / "q"), expected, atol=1e-5)
+    assert ids == expected_ids and rationales == expected_rationales and any(rationales)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    only_rationales = load_embeddings(tmp_path / "q", return_rationales=True)[1]
+    assert only_rationales == expected_rationales
+
+    main(_args(corpus, tmp_path / "d", tiny_path))  # documents take the candidate path: "" as encode gives
+    documents, document_rationales = load_embeddings(tmp_path / "d", return_rationales=True)
+    assert document_rationales == [""] * len(documents) == [""] * len(expected_ids)
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_path, tmp_path):
@@ -270,8 +274,8 @@ def _png(image) -> bytes:
 
 
 def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys):
-    """Other key names via --id-field/--text-field/--image-field, image bytes (plain or as datasets store
-    them) in parquet: the same vectors as the plain JSONL; unmapped keys are named on stderr."""
+    """Other key names via --id-field/--text-field/--image-field (and a key left out with --ignore-fields),
+    image bytes (plain or as datasets store them) in parquet: the same vectors as the plain JSONL."""
     corpus = _write_corpus(tmp_path, count=8)
     assert main(_args(corpus, tmp_path / "plain", tiny_path)) in (0, ENCODE_EXIT_ROWS_FAILED)
     expected, expected_ids = load_embeddings(tmp_path / "plain", return_ids=True)
@@ -286,9 +290,8 @@ def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys)
         mapping = {"id": "doc_id", "text": "body", "image": "picture"}
         rows.append(json.dumps({**{mapping[k]: v for k, v in row.items()}, "source": "web"}))
     renamed.write_text("\n".join(rows) + "\n")
-    fields = ("--id-field", "doc_id", "--text-field", "body", "--image-field", "picture")
+    fields = ("--id-field", "doc_id", "--text-field", "body", "--image-field", "picture", "--ignore-fields", "source")
     assert main(_args(renamed, tmp_path / "mapped", tiny_path, *fields)) == ENCODE_EXIT_ROWS_FAILED
-    assert "ignored: source" in capsys.readouterr().err
     mapped, mapped_ids = load_embeddings(tmp_path / "mapped", return_ids=True)
     assert mapped_ids == expected_ids
     np.testing.assert_array_equal(mapped, expected)
@@ -325,3 +328,71 @@ def test_parquet_without_the_mapped_columns_is_refused_up_front(tiny_path, tmp_p
     pq.write_table(pa.table({"key": ["a"], "body": ["text"]}), tmp_path / "c.parquet")
     assert main(_args(tmp_path / "c.parquet", tmp_path / "index", tiny_path)) == 2
     assert "no column 'id'" in capsys.readouterr().err and not (tmp_path / "index").exists()
+
+
+def test_keys_no_field_maps_are_refused_before_the_model_loads(tiny_path, tmp_path, capsys, monkeypatch):
+    """A misspelled field ("img") would drop every image: refused with status 2 before loading or writing
+    anything, naming the key and the options; mapped (--image-field) or left out (--ignore-fields), it runs."""
+    (tmp_path / "img").mkdir()
+    make_test_image(50, 40, seed=0).save(tmp_path / "img" / "0.png")
+    rows = [{"id": f"r{i}", "text": f"row {i}", "img": "img/0.png", **({"extra": 1} if i == 5 else {})}
+            for i in range(6)]  # fmt: skip
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with monkeypatch.context() as patched:
+        patched.setattr("rge.encoder.RGEEncoder.from_pretrained", _never_called)
+        assert main(_args(corpus, tmp_path / "index", tiny_path)) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
+    assert "'extra', 'img'" in error and "no row has 'image'" in error and "--image-field" in error
+    assert "--ignore-fields extra,img" in error and not (tmp_path / "index").exists()
+    with pytest.raises(RGEJobError, match="'extra', 'img'"):  # the Python API refuses the same, before any row
+        encode_corpus(corpus, tmp_path / "api", {}, _never_called, chunk_size=4)
+    assert not (tmp_path / "api").exists()
+
+    mapped = ("--image-field", "img", "--ignore-fields", "extra")
+    assert main(_args(corpus, tmp_path / "mapped", tiny_path, *mapped)) == 0
+    assert main(_args(corpus, tmp_path / "text", tiny_path, "--ignore-fields", "img,extra")) == 0
+    with_images, text_only = load_embeddings(tmp_path / "mapped"), load_embeddings(tmp_path / "text")
+    assert not np.allclose(with_images, text_only, atol=1e-3)  # the images were read
+
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"], "url": ["http://example.com"]}), tmp_path / "c.parquet")
+    assert main(_args(tmp_path / "c.parquet", tmp_path / "p", tiny_path)) == 2
+    assert "keys that no field maps: 'url'" in capsys.readouterr().err
+
+
+def _never_called(*args, **kwargs):
+    raise AssertionError("work started before the input's keys were checked")
+
+
+def test_an_interrupted_encode_says_rerunning_resumes(tiny_path, tmp_path, capsys, monkeypatch):
+    corpus = _write_corpus(tmp_path, count=12)
+    args = _args(corpus, tmp_path / "index", tiny_path)
+    real, calls = rge.corpus.encode_chunk, []
+
+    def interrupted_on_the_third_chunk(*chunk_args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*chunk_args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(rge.corpus, "encode_chunk", interrupted_on_the_third_chunk)
+        assert main(args) == 130
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == "rge encode: interrupted; rerun the same command to resume (finished shards are kept)"
+    kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "index").glob("shard-*")}
+    assert kept and not json.loads((tmp_path / "index" / "manifest.json").read_text())["complete"]
+    assert main(args) == ENCODE_EXIT_ROWS_FAILED
+    assert all((tmp_path / "index" / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+    assert len(load_embeddings(tmp_path / "index")) == 12 - 2  # rows 5 and 9 are bad
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], indirect=True, ids=oct)
+def test_every_file_of_an_index_follows_the_umask(umask, tiny_path, tmp_path):
+    """Shards (safetensors) are as readable as the manifest beside them: others can read an index."""
+    corpus = _write_corpus(tmp_path, count=6)
+    main(_args(corpus, tmp_path / "index", tiny_path))
+    modes = file_modes(tmp_path / "index")
+    assert {"shard-00000.safetensors", "manifest.json", "errors.jsonl"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -14,7 +14,7 @@ from PIL import Image
 from rge.cli import main
 from rge.eval import mmeb
 
-from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
+from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS, file_modes
 from .mmeb_fixture import build_mmeb_fixture
 
 # By hand, from the YAML files: the rewritten texts each fixture subset must produce.
@@ -142,6 +142,13 @@ def test_interrupted_run_resumes_without_recomputing(encoder, fixture_dirs, tmp_
     calls.clear()
     mmeb.evaluate(encoder, data, images, tmp_path / "run", subsets, chunk_size=2, show_progress=False)
     assert calls == []  # finished subsets are skipped
+
+
+def test_results_follow_the_umask(encoder, fixture_dirs, tmp_path, umask):
+    data, images = fixture_dirs
+    mmeb.evaluate(encoder, data, images, tmp_path, ["HatefulMemes"], show_progress=False)
+    modes = file_modes(tmp_path)
+    assert any(name.endswith(".safetensors") for name in modes) and set(modes.values()) == {0o664}, modes
 
 
 def test_other_settings_in_the_same_output_are_refused(encoder, fixture_dirs, tmp_path):

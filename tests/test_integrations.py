@@ -117,6 +117,21 @@ def test_sentence_transformers(encoder, image_paths, tmp_path):
         model.encode_document(DOCUMENTS, output_value="token_embeddings")
 
 
+def test_sentence_transformers_takes_task_names_as_the_encoder_does(encoder):
+    """``prompt_name="vqa"`` is the side's prompt, as ``RGEEncoder.encode`` reads it; the full names still work."""
+    from rge.integrations.sentence_transformers import to_sentence_transformer
+
+    model = to_sentence_transformer(encoder)
+    unit = {"normalize_embeddings": True}
+    for method, side, reason in (("encode_query", "query", True), ("encode_document", "document", False)):
+        expected = encoder.encode([QUERY], reason=reason, prompt_name="vqa")
+        np.testing.assert_allclose(getattr(model, method)([QUERY], prompt_name="vqa", **unit), expected, atol=1e-6)
+        full = getattr(model, method)([QUERY], prompt_name=f"vqa_{side}", **unit)
+        np.testing.assert_allclose(full, expected, atol=1e-6)
+    assert not np.allclose(expected, encoder.encode([QUERY], reason=False), atol=1e-3)  # the prompt is there
+    np.testing.assert_allclose(model.encode([QUERY], prompt_name="vqa", **unit), expected, atol=1e-6)  # documents
+
+
 def test_sentence_transformers_save_and_load_keep_every_setting(tiny_path, tmp_path, monkeypatch, image_paths):
     """Reloaded from its folder, the model gives the same image vectors: budget, length, dtype, decoding and
     the checkpoint reference (hub id and revision, not a cache path) survive; load options are honoured."""
@@ -151,6 +166,8 @@ def test_sentence_transformers_save_and_load_keep_every_setting(tiny_path, tmp_p
     items = [{"image": image_paths[0]}, "What is in the image?"]
     for task in ("encode_document", "encode_query"):
         np.testing.assert_array_equal(getattr(reloaded, task)(items), getattr(model, task)(items))
+        by_task = getattr(reloaded, task)(items, prompt_name="vqa")  # task names survive the round trip
+        np.testing.assert_array_equal(by_task, getattr(model, task)(items, prompt_name=f"vqa_{task[7:]}"))
     overridden = SentenceTransformer(
         str(tmp_path / "st"), trust_remote_code=True, device="cpu", cache_folder=str(tmp_path / "hub"),
         model_kwargs={"max_new_tokens": 2},

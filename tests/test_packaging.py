@@ -29,7 +29,8 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_tiny_demo(tmp_path):
     (sdist,) = dist.glob("rge_embeddings-*.tar.gz")
     names = set(zipfile.ZipFile(wheel).namelist())
     for packaged in ("rge/py.typed", "rge/eval/data/instruction_replacements-eval.yaml", "rge/cli/__main__.py",
-                     "rge/testing/layouts.py", "rge/engine/decoder.py"):  # fmt: skip
+                     "rge/__main__.py", "rge/testing/__main__.py", "rge/testing/layouts.py",
+                     "rge/engine/decoder.py"):  # fmt: skip
         assert packaged in names, packaged
     assert not any(name.startswith("tests/") for name in names)
     metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))

@@ -16,7 +16,7 @@ from typing import NoReturn
 from .._about import DISTRIBUTION, __version__
 from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_encode, run_mmeb
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, CLIError
-from .options import add_model_options, positive_int
+from .options import add_model_options, key_list, positive_int
 from .serve import add_serve_parser, run_serve
 from .train import add_train_parser, run_train
 
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--id-field", default="id", help="key (JSONL) or column (parquet) of the row id")
     encode.add_argument("--text-field", default="text", help="key or column of the text")
     encode.add_argument("--image-field", default="image", help="key or column of the image (a path, or bytes)")
+    encode.add_argument("--ignore-fields", type=key_list, default=(), metavar="KEY,...",
+                        help="other keys or columns to leave out (any other is refused)")  # fmt: skip
     add_model_options(encode)
     encode.add_argument("--ray", action="store_true", help=f"run on a Ray cluster (pip install '{DISTRIBUTION}[ray]')")
     encode.add_argument("--ray-address", help="cluster to join (default: start a local one; 'auto' to find one)")

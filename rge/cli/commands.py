@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_ROWS_FAILED, CLIError, model_error
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, CLIError, model_error
 from .options import check_input_folder, check_output_folder, load_options
 
 DEMO_QUERY = "Answer the question based on the given image: What is in the image?\n"
@@ -72,7 +71,7 @@ def run_encode(args: argparse.Namespace) -> int:
         "model": args.model, "side": args.side, "dtype": args.dtype, **pixel_budget(args),
         "max_new_tokens": args.max_new_tokens if args.side == "query" else None,
     }  # fmt: skip
-    fields = Fields(id=args.id_field, text=args.text_field, image=args.image_field)
+    fields = Fields(id=args.id_field, text=args.text_field, image=args.image_field, ignore=args.ignore_fields)
     settings["fields"] = {"id": fields.id, "text": fields.text, "image": fields.image}
     if args.side == "query":
         try:
@@ -96,10 +95,10 @@ def run_encode(args: argparse.Namespace) -> int:
                                shard_size=args.shard_size, fields=fields)  # fmt: skip
     except RGEJobError as error:
         raise CLIError(str(error)) from None
+    except KeyboardInterrupt as interrupt:  # --debug shows where it stopped
+        raise CLIError("interrupted; rerun the same command to resume (finished shards are kept)",
+                       EXIT_INTERRUPTED) from interrupt  # fmt: skip
     print(f"encoded {report.encoded} of {report.rows} rows into {report.shards} shards in {report.output}")
-    if report.ignored_keys:
-        print(f"rge encode: note: keys no field maps were ignored: {', '.join(report.ignored_keys)} "
-              "(map one with --id-field / --text-field / --image-field)", file=sys.stderr)  # fmt: skip
     if report.failed:
         raise CLIError(f"{report.failed} rows failed; see {report.output / 'errors.jsonl'}", EXIT_ROWS_FAILED)
     return EXIT_OK

@@ -41,6 +41,11 @@ def positive_float(value: str) -> float:
     return number
 
 
+def key_list(value: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names (``img,extra``)."""
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
 def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) -> None:
     """The checkpoint and loading options that every model-running command takes."""
     parser.add_argument("--model", default="MCG-NJU/RGE", help="hub id or local checkpoint directory")

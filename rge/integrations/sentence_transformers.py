@@ -10,6 +10,8 @@ The model is one custom input module, ``RGEInputModule``, that hands each batch 
 ``http(s)`` URL or an existing image file's path is that image), ``{"text": ..., "image": ...}`` dicts and
 chat messages.
 Embeddings come back L2-normalised, so dot product and cosine agree.
+Task prompts are named as for the encoder: ``prompt_name="vqa"`` is ``"vqa_query"`` in ``encode_query`` and
+``"vqa_document"`` in ``encode_document``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.base.modules.input_module import InputModule  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
-from ..prompts import TASK_PROMPTS  # noqa: E402
+from ..prompts import TASK_PROMPTS, resolve_prompt  # noqa: E402
+
+TASK_MARKER = "rge-task:"
+"""``prompts[task]`` for a bare task name (``"vqa"``) is this marker and the name: sentence-transformers looks
+a ``prompt_name`` up before it knows the side, so the module picks the side's prompt when the task arrives."""
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -67,8 +73,12 @@ class RGEInputModule(InputModule):  # type: ignore[misc]
         # "message" lets one batch mix text, images and text+image items.
         return ["text", "image", ("image", "text"), "message"]
 
-    def preprocess(self, inputs: Sequence[Any], prompt: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    def preprocess(
+        self, inputs: Sequence[Any], prompt: str | None = None, task: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """Nothing to tokenize here: the encoder prepares each batch itself."""
+        if prompt and prompt.startswith(TASK_MARKER):
+            prompt = resolve_prompt(None, prompt.removeprefix(TASK_MARKER), reason=task == "query")
         return {"rge_items": [_item(value, prompt) for value in inputs]}
 
     def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -131,12 +141,19 @@ class _NoTokenEmbeddings:
 def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTransformer:
     """Wrap ``encoder`` in a ``SentenceTransformer`` (cosine similarity); ``kwargs`` go to its constructor.
 
-    Its ``prompts`` are rge's task prompts (``encode_query(..., prompt_name="vqa_query")``), unless given.
+    Its ``prompts`` are rge's task prompts, unless given: by task (``encode_query(..., prompt_name="vqa")``,
+    the side's prompt) or by full name (``"vqa_query"``).
     """
     kwargs.setdefault("similarity_fn_name", "cosine")
-    kwargs.setdefault("prompts", dict(TASK_PROMPTS))
+    kwargs.setdefault("prompts", task_prompts())
     kwargs.setdefault("device", str(encoder.device))
     return SentenceTransformer(modules=[RGEInputModule(encoder)], **kwargs)
+
+
+def task_prompts() -> dict[str, str]:
+    """rge's task prompts by full name (``"vqa_query"``), and by task (``"vqa"``: the side's, chosen per call)."""
+    tasks = sorted({name.rsplit("_", 1)[0] for name in TASK_PROMPTS})
+    return {**TASK_PROMPTS, **{task: TASK_MARKER + task for task in tasks}}
 
 
 def _item(value: Any, prompt: str | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from ..storage import follow_umask
 from .layouts import save_transformers4, save_transformers5
 from .tokenizer import EMB, QWEN25_VL_CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer, special_token_ids
 from .weights import install_emb_trigger, randomize_weights
@@ -134,6 +135,7 @@ def build_tiny_checkpoint(
     generation = None if decoding is None else {**_generation_token_ids(ids), **decoding}
     save = save_transformers4 if layout == "transformers4" else save_transformers5
     save(out, model, tokenizer, generation)
+    follow_umask(out)
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..storage import atomic_write_json
+from ..storage import atomic_write_json, follow_umask
 from .batches import DataPosition
 from .distributed import barrier, rank
 
@@ -58,6 +58,7 @@ def save_checkpoint(output: Path, model: torch.nn.Module, optimizer: Any, schedu
     torch.save(_rng_states(), partial / f"rng-{rank()}.pt")
     if rank() == 0:
         save_file({name: p.detach().cpu().contiguous() for name, p in trainable(model).items()}, partial / WEIGHTS_FILE)
+        follow_umask(partial / WEIGHTS_FILE)
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     barrier()
@@ -107,6 +108,7 @@ def export_model(model: Any, source: Path, output: Path) -> None:
     model.to(_saved_dtype(source))
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
+    follow_umask(output)
     for file in source.iterdir():
         if file.is_file() and file.name not in _MODEL_FILES and not file.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(file, output / file.name)

@@ -22,6 +22,7 @@ from rge import RGEEncoder
 from rge.cli import main
 from rge.training import TrainingConfig, train
 
+from ..conftest import file_modes
 from ..live_server import free_port
 
 LETTERS, MAPPED = "abcdefghijkl", "ABCDEFGHIJKL"
@@ -203,3 +204,16 @@ def test_the_run_batches_by_task_unless_told_to_mix(tiny_path, tmp_path, monkeyp
     task_counts = [len({example.task for example in batch}) for batch in batches]
     assert len(batches) == 4
     assert (max(task_counts) > 1) == mix_tasks
+
+
+def test_the_trained_model_and_checkpoints_follow_the_umask(tiny_path, tmp_path, umask):
+    """Every file of the output (the model's safetensors, a checkpoint's weights) is as readable as the JSON."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q {n}", "positive": f"p {n}"}) + "\n" for n in range(4)))
+    config = TrainingConfig(model=str(tiny_path), data=[str(data)], output=str(tmp_path / "out"), max_steps=2,
+                            batch_size=4, max_new_tokens=2, save_steps=1, progress=False,
+                            tensorboard=False)  # fmt: skip
+    train(config)
+    modes = file_modes(tmp_path / "out")
+    assert {"model.safetensors", "config.json", "checkpoint-1/trainable.safetensors"} <= modes.keys()
+    assert set(modes.values()) == {0o666 & ~umask}, modes
