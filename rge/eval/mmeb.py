@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from ..errors import RGESettingsError
 from ..prompts import MMEB_IMAGE_MARKER, VISION_BLOCK
 from ..storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
@@ -50,10 +51,6 @@ PAPER: dict[str, dict[str, float]] = {
 """The paper's MMEB v1 Precision@1 (%) for RGE and for the same backbone without reasoning."""
 
 Pair = tuple[str, str]  # (rewritten text, image path relative to the image folder; "" for none)
-
-
-class RGESettingsError(ValueError):
-    """The output folder holds results made with other settings."""
 
 
 @dataclass(frozen=True)
