@@ -12,13 +12,16 @@ from __future__ import annotations
 from ._about import DISTRIBUTION, __version__
 from .corpus import load_embeddings
 from .encoder import Rationales, RGEEncoder
-from .errors import RGECheckpointError, RGEInputError
+from .errors import RGECheckpointError, RGEError, RGEInputError, RGEMissingExtraError, RGEModelNotFoundError
 
 __all__ = [
     "DISTRIBUTION",
     "RGECheckpointError",
     "RGEEncoder",
+    "RGEError",
     "RGEInputError",
+    "RGEMissingExtraError",
+    "RGEModelNotFoundError",
     "Rationales",
     "__version__",
     "load_embeddings",

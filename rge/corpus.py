@@ -28,15 +28,11 @@ from .corpus_rows import (
     missing_columns,
     read_corpus,
 )
-from .errors import RGEInputError
+from .errors import RGEInputError, RGEJobError
 from .storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
-
-
-class RGEJobError(ValueError):
-    """An output folder cannot be used for this job (other settings, unfinished, not an rge index)."""
 
 
 @dataclass

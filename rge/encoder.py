@@ -20,6 +20,7 @@ from .engine.pooling import l2_normalize
 from .engine.slot_batches import BATCHES, resolve_kv_cache
 from .engine.vision_attention import batch_windows
 from .errors import RGEInputError
+from .images import pixel_budget
 from .loading import (
     LoadedCheckpoint,
     choose_attention,
@@ -117,16 +118,23 @@ class RGEEncoder:
         ``"static"`` on CUDA (a preallocated cache, fixed-shape steps replayed as CUDA graphs) and
         transformers' dynamic one elsewhere (``"preallocated"``: the preallocated cache with eager steps;
         ``"dynamic"``).
+
+        Options are checked before anything is downloaded or loaded (``RGEInputError``: a device this
+        machine lacks, a dtype that is not floating-point, a pixel budget out of order); a model that is
+        neither a local directory nor downloadable raises ``RGEModelNotFoundError`` saying why.
         """
         resolved_device = choose_device(device)
+        resolved_dtype = choose_dtype(dtype, resolved_device)
+        attention = choose_attention(attn_implementation, resolved_device)
+        min_pixels, max_pixels = pixel_budget(min_pixels, max_pixels)
         path = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         checkpoint = load_checkpoint(
             path,
             device=resolved_device,
-            dtype=choose_dtype(dtype, resolved_device),
-            attn_implementation=choose_attention(attn_implementation, resolved_device),
+            dtype=resolved_dtype,
+            attn_implementation=attention,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
         )

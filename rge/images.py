@@ -31,6 +31,21 @@ DEFAULT_MAX_PIXELS = 1024 * 28 * 28
 """The paper's evaluation budget: 256 to 1024 visual tokens per image."""
 
 
+def pixel_budget(min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """``(min_pixels, max_pixels)``: the bounds given, else the paper's; RGEInputError unless both are
+    positive ints and the first is not above the second."""
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RGEInputError(f"{name} must be a positive int, got {value!r}")
+    low = DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+    high = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if low > high:
+        default = " (the default)"
+        raise RGEInputError(f"min_pixels {low}{default if min_pixels is None else ''} is above max_pixels "
+                            f"{high}{default if max_pixels is None else ''}")  # fmt: skip
+    return low, high
+
+
 def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) -> Image.Image:
     """Decode ``image`` fully (so that corrupt data fails here) and upsize sides under 28 px.
 
@@ -211,11 +226,8 @@ class VisionPreprocessor:
     """
 
     def __init__(self, image_processor: Any, min_pixels: int, max_pixels: int) -> None:
-        if not 0 < min_pixels <= max_pixels:
-            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels} and {max_pixels}")
         self.image_processor = image_processor
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+        self.min_pixels, self.max_pixels = pixel_budget(min_pixels, max_pixels)
         self.patch_size: int = image_processor.patch_size
         self.merge_size: int = image_processor.merge_size
 

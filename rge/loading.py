@@ -8,9 +8,11 @@ needs torchvision, which an image-and-text embedder does not.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 
 from .engine.generation import GENERATION_CONFIG_FILE, GenerationSettings
-from .errors import RGECheckpointError
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, VisionPreprocessor
+from .errors import RGECheckpointError, RGEInputError, RGEModelNotFoundError, require_extra
+from .images import VisionPreprocessor, pixel_budget
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
 
 CHECKPOINT_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
@@ -53,24 +55,89 @@ def resolve_checkpoint(
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """A local directory as it is; otherwise a hub snapshot (honours ``HF_HUB_OFFLINE`` and the cache)."""
+    """A local directory as it is; otherwise a hub snapshot (honours ``HF_HUB_OFFLINE`` and the cache).
+
+    ``RGEModelNotFoundError`` when it is neither, saying why for both (see ``hub_failure``).
+    """
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
-    if local.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise RGECheckpointError(f"{str(name_or_path)!r} is not a checkpoint directory")
+    if local.exists():
+        raise RGECheckpointError(f"{str(name_or_path)!r} is not a checkpoint directory (it is a file)")
+    if str(name_or_path).startswith((".", "/", "~")):
+        raise RGEModelNotFoundError(
+            f"{str(name_or_path)!r} is not a checkpoint directory (no such directory: {local.absolute()})"
+        )
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(
-            str(name_or_path),
-            revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-            token=token,
-            local_files_only=local_files_only,
-            allow_patterns=CHECKPOINT_FILE_PATTERNS,
+    with explained_hub_failures(name_or_path, revision=revision, local_files_only=local_files_only):
+        return Path(
+            snapshot_download(
+                str(name_or_path),
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                token=token,
+                local_files_only=local_files_only,
+                allow_patterns=CHECKPOINT_FILE_PATTERNS,
+            )
         )
+
+
+@contextlib.contextmanager
+def explained_hub_failures(
+    name: str | os.PathLike[str], *, revision: str | None = None, local_files_only: bool = False
+) -> Iterator[None]:
+    """Around a hub download of ``name``: a failure ``hub_failure`` explains becomes one
+    ``RGEModelNotFoundError`` that says both why ``name`` is not local and why the hub did not give it,
+    the hub's error chained."""
+    try:
+        yield
+    except Exception as error:
+        reason = hub_failure(error, revision=revision, local_files_only=local_files_only)
+        if reason is None:
+            raise
+        where = Path(name).expanduser().absolute()
+        raise RGEModelNotFoundError(
+            f"model {str(name)!r} is not a local folder (no such directory: {where}) and cannot be downloaded "
+            f"from the hub: {reason}"
+        ) from error
+
+
+def hub_failure(error: BaseException, *, revision: str | None = None, local_files_only: bool = False) -> str | None:
+    """Why the hub did not give a model, in words a user can act on; None when ``error`` is no such failure."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
+
+    if isinstance(error, GatedRepoError):
+        return "the repository is gated: request access on its hub page, then set HF_TOKEN"
+    if isinstance(error, RepositoryNotFoundError):
+        return "there is no hub repository of that name that you can read (a private one needs HF_TOKEN)"
+    if isinstance(error, RevisionNotFoundError):
+        return f"the repository has no revision {revision!r}"
+    if isinstance(error, HFValidationError):
+        return f"it is not a hub id either ({error})"
+    if isinstance(error, LocalEntryNotFoundError) or _is_connection_error(error):
+        cause = (
+            "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+            else "local_files_only=True" if local_files_only
+            else "the hub cannot be reached"
+        )  # fmt: skip
+        return (
+            f"{cause} and there is no cached copy. Connect once to download it (MCG-NJU/RGE is about 7 GB), "
+            "or pass a local checkpoint directory"
+        )
+    return None
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    names = {type(e).__name__ for e in (error, error.__cause__, error.__context__) if e is not None}
+    return bool(names & {"ConnectError", "ConnectionError", "ConnectTimeout", "OfflineModeIsEnabled"})
 
 
 def read_generation_settings(
@@ -90,37 +157,52 @@ def read_generation_settings(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
-    try:
-        file = hf_hub_download(
-            str(name_or_path), GENERATION_CONFIG_FILE, revision=revision,
-            cache_dir=None if cache_dir is None else str(cache_dir), token=token, local_files_only=local_files_only,
-        )  # fmt: skip
-    except EntryNotFoundError:
-        return GenerationSettings().with_penalty(repetition_penalty)
+    with explained_hub_failures(name_or_path, revision=revision, local_files_only=local_files_only):
+        try:
+            file = hf_hub_download(
+                str(name_or_path), GENERATION_CONFIG_FILE, revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir), token=token,
+                local_files_only=local_files_only,
+            )  # fmt: skip
+        except EntryNotFoundError:
+            return GenerationSettings().with_penalty(repetition_penalty)
     return GenerationSettings.from_checkpoint(Path(file).parent).with_penalty(repetition_penalty)
 
 
 def choose_device(device: str | torch.device | None) -> torch.device:
-    """The given device, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The given device, else CUDA when available, else CPU; RGEInputError for a device this machine lacks."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RGEInputError(f"device {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else f" (torch {torch.__version__} is built without CUDA)"
+        raise RGEInputError(f"device {str(device)!r}: CUDA is not available on this machine{build}; use 'cpu'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise RGEInputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise RGEInputError(f"device {str(device)!r}: MPS is not available on this machine; use 'cpu'")
+    return parsed
 
 
 def choose_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """The given dtype, else bf16 on CUDA and fp32 elsewhere."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+    """The given floating-point dtype, else bf16 on CUDA and fp32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolved = getattr(torch, str(dtype), None)
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+        raise RGEInputError(f"dtype {dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
+    if not resolved.is_floating_point:
+        raise RGEInputError(f"dtype {dtype!r} is not a floating-point type; use 'float32', 'bfloat16' or 'float16'")
     return resolved
 
 
 def choose_attention(attn_implementation: str | None, device: torch.device) -> str:
     """The given implementation, else flash-attention 2 when it imports and the device is CUDA, else sdpa."""
+    if attn_implementation == "flash_attention_2":
+        require_extra("flash_attn", extra="gpu", needed_by='attn_implementation="flash_attention_2"')
     if attn_implementation is not None:
         return attn_implementation
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -182,11 +264,7 @@ def load_checkpoint(
     emb_token_id = token_id(tokenizer, EMB_TOKEN, path)
     image_pad_id = token_id(tokenizer, IMAGE_PAD_TOKEN, path)
     template = PromptTemplate.from_chat_template(tokenizer, load_chat_template(path, tokenizer))
-    vision = VisionPreprocessor(
-        load_image_processor(path),
-        min_pixels=DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels,
-        max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
-    )
+    vision = VisionPreprocessor(load_image_processor(path), *pixel_budget(min_pixels, max_pixels))
     loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         str(path),
         dtype=dtype,

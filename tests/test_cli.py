@@ -15,8 +15,10 @@ import torch
 import rge
 from rge import RGECheckpointError, RGEEncoder, __version__
 from rge.cli import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, main
-from rge.cli.errors import EXIT_MODEL, CLIError
+from rge.cli.errors import EXIT_MISSING_EXTRA, EXIT_MODEL, CLIError
 from rge.testing import build_tiny_checkpoint
+
+from .live_server import free_port
 
 
 def test_demo_tiny_prints_the_api_scores(capsys, tmp_path):
@@ -99,6 +101,46 @@ def test_user_errors_are_one_line_with_a_documented_status(capsys, tmp_path, mon
     assert said in line
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
     assert (tmp_path / "a-file").read_text() == "keep me"
+
+
+def test_a_misspelt_model_says_it_is_neither_a_folder_nor_on_the_hub(capsys, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    line = _one_line_error(capsys, ["demo", "--model", "tyni"], EXIT_MODEL)
+    assert line.startswith(
+        f"rge demo: model 'tyni' is not a local folder (no such directory: {tmp_path / 'tyni'}) and cannot be "
+        "downloaded from the hub: HF_HUB_OFFLINE is set and there is no cached copy."
+    )
+    assert line.endswith("or try the offline pipeline with `rge demo --tiny`")
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "said"),
+    [
+        (["serve", "--ray", "--port", "PORT"], "ray.serve",
+         'rge serve: serving with Ray Serve needs ray: pip install "rge-embeddings[ray]"'),
+        (["serve", "--port", "PORT"], "fastapi",
+         'rge serve: the server needs fastapi: pip install "rge-embeddings[serve]"'),
+        (["encode", "c.jsonl", "--output", "o", "--ray"], "ray.data",
+         'rge encode: rge.integrations.ray needs ray: pip install "rge-embeddings[ray]"'),
+        (["train", "--data", "c.jsonl", "--output", "o", "--lora"], "peft",
+         'rge train: LoRA training needs peft: pip install "rge-embeddings[train]"'),
+    ],
+)  # fmt: skip
+def test_a_missing_extra_is_one_line_with_the_pip_command_and_status_5(capsys, tmp_path, monkeypatch, argv, module,
+                                                                       said):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.jsonl").write_text('{"id": 1, "text": "a", "query": "q", "positive": "p"}\n')
+    monkeypatch.setitem(sys.modules, module, None)  # makes "import module" fail, as when it is not installed
+    for imported_once in ("rge.serving.ray_serve", "rge.integrations.ray"):  # imported again, as a first time
+        monkeypatch.delitem(sys.modules, imported_once, raising=False)
+    monkeypatch.setattr("rge.encoder.RGEEncoder.from_pretrained", _never_called)
+    argv = [str(free_port()) if arg == "PORT" else arg for arg in argv]
+    assert _one_line_error(capsys, [*argv, "--model", str(tmp_path / "never-loaded")], EXIT_MISSING_EXTRA) == said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # nothing written
 
 
 def test_an_index_of_other_settings_is_refused_before_loading_and_left_as_it_was(capsys, tmp_path, monkeypatch):

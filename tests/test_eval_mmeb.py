@@ -7,11 +7,14 @@ import json
 from importlib import resources
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from rge import RGEError
 from rge.cli import main
+from rge.errors import RGEDataError
 from rge.eval import mmeb
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS, file_modes
@@ -242,3 +245,37 @@ def test_cli_refuses_other_settings_before_loading(tiny_path, fixture_dirs, tmp_
 
 def _never_loaded(*args, **kwargs):
     raise AssertionError("the model was loaded before the output folder was checked")
+
+
+@pytest.mark.parametrize(
+    "column, values, said",
+    [
+        ("tgt_text", ["Yes", "No", "Yes", "No"], "column 'tgt_text' holds string; expected a list of strings per row"),
+        ("tgt_img_path", [[[""], [""]]] * 4,
+         "column 'tgt_img_path' holds list<element: list<element: string>>; expected a list of strings per row"),
+        ("qry_img_path", None, "has no column 'qry_img_path' (a string per row"),
+        ("tgt_img_path", [[""]] * 4, "row 0 has not one 'tgt_img_path' entry per 'tgt_text' entry (and 3 more rows)"),
+        ("qry_text", ["a", None, "b", "c"], "row 1 has no value in 'qry_text'"),
+    ],
+)  # fmt: skip
+def test_columns_of_the_wrong_shape_are_named_and_nothing_is_written(
+    encoder, tiny_path, fixture_dirs, tmp_path, capsys, monkeypatch, column, values, said
+):
+    data, images = fixture_dirs
+    table = pq.read_table(data / "HatefulMemes" / "test-00000-of-00001.parquet")
+    if values is None:
+        table = table.drop_columns([column])
+    else:
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(values))
+    (tmp_path / "data" / "HatefulMemes").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "data" / "HatefulMemes" / "part.parquet")
+
+    with pytest.raises(RGEError) as raised:
+        mmeb.evaluate(encoder, tmp_path / "data", images, tmp_path / "python", ["HatefulMemes"], show_progress=False)
+    assert isinstance(raised.value, RGEDataError) and str(raised.value).startswith("HatefulMemes/part.parquet")
+    assert said in str(raised.value)
+    monkeypatch.setattr("rge.encoder.RGEEncoder.from_pretrained", _never_loaded)
+    code = main(["eval", "mmeb", "--model", str(tiny_path), "--data", str(tmp_path / "data"), "--images", str(images),
+                 "--output", str(tmp_path / "cli"), "--subsets", "HatefulMemes"])  # fmt: skip
+    assert code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "python").exists() and not (tmp_path / "cli").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rge import RGEError
 from rge.testing import make_test_image
 
 QUERY = "What is in the image?"
@@ -139,7 +140,7 @@ def test_sentence_transformers_save_and_load_keep_every_setting(tiny_path, tmp_p
     from huggingface_hub.errors import LocalEntryNotFoundError
     from sentence_transformers import SentenceTransformer
 
-    from rge import RGEEncoder
+    from rge import RGEEncoder, RGEModelNotFoundError
     from rge.integrations.sentence_transformers import to_sentence_transformer
     from rge.testing import install_in_hf_cache
 
@@ -173,9 +174,10 @@ def test_sentence_transformers_save_and_load_keep_every_setting(tiny_path, tmp_p
         model_kwargs={"max_new_tokens": 2},
     )  # fmt: skip
     assert overridden[0].encoder.max_new_tokens == 2
-    with pytest.raises(LocalEntryNotFoundError):  # the cache folder given really is the one used
+    with pytest.raises(RGEModelNotFoundError) as raised:  # the cache folder given really is the one used
         SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu",
                             cache_folder=str(tmp_path / "empty"))  # fmt: skip
+    assert isinstance(raised.value.__cause__, LocalEntryNotFoundError)
 
 
 def test_mteb_encode_and_evaluate(encoder):
@@ -262,8 +264,11 @@ def test_mteb_metadata_and_cache_follow_the_checkpoint(encoder, tiny_path, tmp_p
 def test_missing_extra_names_it(monkeypatch, module, extra, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes "import package" fail
     monkeypatch.delitem(sys.modules, f"rge.integrations.{module}", raising=False)
-    with pytest.raises(ImportError, match=rf"pip install 'rge-embeddings\[{extra}\]'"):
+    with pytest.raises(ImportError) as raised:  # an RGEMissingExtraError, which is an ImportError
         importlib.import_module(f"rge.integrations.{module}")
+    top = package.partition(".")[0]
+    assert str(raised.value) == f'rge.integrations.{module} needs {top}: pip install "rge-embeddings[{extra}]"'
+    assert isinstance(raised.value, RGEError)
 
 
 def test_importing_rge_imports_no_adapter_library():

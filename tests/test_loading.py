@@ -4,8 +4,10 @@ error without <emb>, defaults, pixel cap."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rge import RGECheckpointError, RGEEncoder
+from rge import RGECheckpointError, RGEEncoder, RGEModelNotFoundError
 from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from rge.loading import choose_attention, choose_device, choose_dtype
 from rge.testing import EMB, build_tiny_checkpoint, install_in_hf_cache, make_test_image
@@ -133,12 +135,68 @@ def test_hub_id_loads_from_the_cache_offline(tiny_path, tmp_path, monkeypatch, e
 
 def test_unknown_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
     import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    with pytest.raises(LocalEntryNotFoundError, match="(?i)offline|cache|local"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RGEModelNotFoundError) as raised:
         RGEEncoder.from_pretrained("someone/not-cached", cache_dir=tmp_path)
+    assert str(raised.value).startswith(
+        f"model 'someone/not-cached' is not a local folder (no such directory: {tmp_path / 'someone/not-cached'}) "
+        "and cannot be downloaded from the hub: HF_HUB_OFFLINE is set and there is no cached copy."
+    )
+    assert isinstance(raised.value.__cause__, LocalEntryNotFoundError)  # the hub's own error, chained
+
+
+def test_a_misspelt_model_says_it_is_neither_a_folder_nor_on_the_hub(tmp_path, monkeypatch):
+    """A real process, offline with an empty cache: one RGEModelNotFoundError, with both reasons."""
+    code = (
+        "from rge import RGEEncoder, RGEError\n"
+        "try:\n    RGEEncoder.from_pretrained('tyni')\n"
+        "except RGEError as error:\n    print(type(error).__name__, error)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120, check=True)  # fmt: skip
+    assert done.stdout.startswith(
+        f"RGEModelNotFoundError model 'tyni' is not a local folder (no such directory: {tmp_path / 'tyni'}) and "
+        "cannot be downloaded from the hub: HF_HUB_OFFLINE is set and there is no cached copy"
+    ), done.stdout + done.stderr
+
+
+def _hub_error(kind: str) -> Exception:
+    import httpx
+    from huggingface_hub import errors
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/x/y"))
+    made = {
+        "gated": lambda: errors.GatedRepoError("403", response=response),
+        "missing": lambda: errors.RepositoryNotFoundError("404", response=response),
+        "revision": lambda: errors.RevisionNotFoundError("404", response=response),
+        "unreachable": lambda: errors.LocalEntryNotFoundError("cannot reach the hub"),
+    }
+    return made[kind]()
+
+
+@pytest.mark.parametrize(
+    "kind, said",
+    [("gated", "the repository is gated: request access on its hub page, then set HF_TOKEN"),
+     ("missing", "there is no hub repository of that name that you can read (a private one needs HF_TOKEN)"),
+     ("revision", "the repository has no revision 'v9'"),
+     ("unreachable", "the hub cannot be reached and there is no cached copy")],
+)  # fmt: skip
+def test_each_hub_failure_is_explained(monkeypatch, tmp_path, kind, said):
+    import huggingface_hub
+
+    def failing(*args, **kwargs):
+        raise _hub_error(kind)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(RGEModelNotFoundError, match=re.escape(said)) as raised:
+        RGEEncoder.from_pretrained("x/y", revision="v9", cache_dir=tmp_path)
+    assert "'x/y' is not a local folder" in str(raised.value)
+    assert type(raised.value.__cause__).__name__ == type(_hub_error(kind)).__name__
 
 
 def test_checkpoint_without_emb_is_refused(tmp_path):
@@ -171,7 +229,7 @@ def test_device_dtype_and_attention_choices(monkeypatch):
     assert choose_dtype(None, cuda) == torch.bfloat16
     assert choose_dtype(None, torch.device("cpu")) == torch.float32
     assert choose_dtype("float16", cuda) == torch.float16
-    with pytest.raises(ValueError, match="unknown dtype"):
+    with pytest.raises(ValueError, match="not a torch dtype"):
         choose_dtype("float33", cuda)
     assert choose_attention("eager", cuda) == "eager"
     assert choose_attention(None, torch.device("cpu")) == "sdpa"

@@ -14,8 +14,9 @@ from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from .._about import DISTRIBUTION, __version__
+from ..errors import RGEError
 from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_encode, run_mmeb
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, CLIError
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, exit_status
 from .options import add_model_options, key_list, positive_int
 from .serve import add_serve_parser, run_serve
 from .train import add_train_parser, run_train
@@ -89,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except CLIError as error:
+    except RGEError as error:  # CLIError included
         if debug:
             raise
-        print(f"{name}: {error}", file=sys.stderr)
-        return error.status
+        print(f"{name}: {' '.join(str(error).split())}", file=sys.stderr)
+        return exit_status(error)
     except Exception as error:
         if debug:
             raise

@@ -78,34 +78,30 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_device(device: str | None) -> None:
     """Refuse a device this machine does not have, before loading anything onto it."""
+    from ..errors import RGEInputError
+    from ..loading import choose_device
+
     if device is None:
         return
-    import torch
-
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type not in ("cpu", "mps"):
+        parsed = choose_device(device)
+    except RGEInputError as error:
+        raise CLIError(f"--{error}") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
         raise CLIError(f"--device {device!r} is not supported; use cpu or cuda")
 
 
 def check_dtype(dtype: str | None) -> None:
+    """Refuse a dtype that is not a floating-point torch dtype, before loading anything."""
+    from ..errors import RGEInputError
     from ..loading import choose_dtype
 
     if dtype is None:
         return
     try:
-        resolved = choose_dtype(dtype, None)  # type: ignore[arg-type]  # the device only matters for None
-    except ValueError as error:
-        raise CLIError(f"--dtype: {error}") from None
-    if not resolved.is_floating_point:
-        raise CLIError(f"--dtype {dtype!r} is not a floating-point type; use float32, bfloat16 or float16")
+        choose_dtype(dtype, None)  # type: ignore[arg-type]  # the device only matters for None
+    except RGEInputError as error:
+        raise CLIError(f"--{error}") from None
 
 
 def check_output_folder(path: Path) -> None:

@@ -107,17 +107,16 @@ def server_settings(args: argparse.Namespace) -> Any:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Check everything, bind, then load the model in the background (``/health`` says when it is ready)."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise CLIError(f"rge serve needs the serve extra: pip install '{DISTRIBUTION}[serve]'") from None
+    from ..errors import require_extra
+
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        require_extra(module, extra="serve", needed_by="the server")
     options = {**load_options(args), "max_length": args.max_length}
     settings = server_settings(args)
     if args.ray:
-        _check_port(args.host, args.port)
-        from ..serving.ray_serve import run_ray_serve
+        from ..serving.ray_serve import run_ray_serve  # before binding: it needs the ray extra
 
+        _check_port(args.host, args.port)
         run_ray_serve(settings, args.model, options, replicas=args.replicas, host=args.host, port=args.port,
                       address=args.ray_address)  # fmt: skip
         return EXIT_OK

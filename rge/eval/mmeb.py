@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from ..errors import RGEDataError, RGESettingsError
 from ..prompts import MMEB_IMAGE_MARKER, VISION_BLOCK
 from ..storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
@@ -49,11 +50,16 @@ PAPER: dict[str, dict[str, float]] = {
 }
 """The paper's MMEB v1 Precision@1 (%) for RGE and for the same backbone without reasoning."""
 
+COLUMNS: dict[str, str] = {
+    "qry_text": "string",
+    "qry_img_path": "string",
+    "tgt_text": "list of strings",
+    "tgt_img_path": "list of strings",
+}
+"""The columns every subset's parquet files must have, and what each holds per row: the query's text and
+image path ("" for none), the candidates' texts (the positive first) and their image paths, one per text."""
+
 Pair = tuple[str, str]  # (rewritten text, image path relative to the image folder; "" for none)
-
-
-class RGESettingsError(ValueError):
-    """The output folder holds results made with other settings."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def available_subsets(data_dir: Path) -> list[str]:
 
 
 def resolve_subsets(data_dir: Path, subsets: Sequence[str] | None) -> list[str]:
-    """The subsets to run (default: all 36), or a clear error naming what is missing and what is there."""
+    """The subsets to run (default: all 36), each with the columns it must have (``check_subset``), or a
+    clear error naming what is missing or wrong and what is there."""
     wanted = list(subsets) if subsets else SUBSETS
     unknown = [s for s in wanted if s not in SUBSETS]
     if unknown:
@@ -108,7 +115,59 @@ def resolve_subsets(data_dir: Path, subsets: Sequence[str] | None) -> list[str]:
         raise FileNotFoundError(
             f"no parquet files for {missing} under {str(data_dir)!r}; available: {', '.join(present) or 'none'}"
         )
+    for subset in wanted:
+        check_subset(data_dir, subset)
     return wanted
+
+
+def check_subset(data_dir: Path, subset: str) -> None:
+    """Refuse a subset whose files lack a column of ``COLUMNS``, hold another type in one, or have a row
+    with a missing value, no candidate, or not one image path per candidate text (``RGEDataError``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for file in _files(data_dir, subset):
+        where = file.relative_to(data_dir)
+        schema = pq.read_schema(file)
+        for name, shape in COLUMNS.items():
+            if name not in schema.names:
+                raise RGEDataError(f"{where} has no column {name!r} (a {shape} per row; see docs/evaluation.md)")
+            if _shape(schema.field(name).type) != shape:
+                raise RGEDataError(f"{where}: column {name!r} holds {schema.field(name).type}; expected a {shape} "
+                                   "per row (see docs/evaluation.md)")  # fmt: skip
+        table = pq.read_table(file, columns=list(COLUMNS))
+        texts, paths = (pc.list_value_length(table[name]) for name in ("tgt_text", "tgt_img_path"))
+        problems = {f"no value in {name!r}": table[name].is_null() for name in COLUMNS}
+        problems["no candidate (an empty 'tgt_text')"] = pc.equal(texts, 0)
+        problems["not one 'tgt_img_path' entry per 'tgt_text' entry"] = pc.not_equal(texts, paths)
+        for problem, flags in problems.items():
+            rows = [row for row, flag in enumerate(flags.to_pylist()) if flag]
+            if rows:
+                more = f" (and {len(rows) - 1} more rows)" if len(rows) > 1 else ""
+                raise RGEDataError(f"{where}: row {rows[0]} has {problem}{more}")
+        for name in ("tgt_text", "tgt_img_path"):
+            column = table[name].combine_chunks()
+            items = pc.list_flatten(column)
+            if items.null_count:
+                row = pc.filter(pc.list_parent_indices(column), items.is_null())[0].as_py()
+                raise RGEDataError(f"{where}: row {row} has a missing value inside {name!r}")
+
+
+def _shape(kind: Any) -> str | None:
+    import pyarrow as pa
+
+    def strings(value: Any) -> bool:
+        return bool(pa.types.is_string(value) or pa.types.is_large_string(value))
+
+    if strings(kind):
+        return "string"
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and strings(kind.value_type):
+        return "list of strings"
+    return None
+
+
+def _files(data_dir: Path, subset: str) -> list[Path]:
+    return sorted((data_dir / subset).glob("**/*.parquet"))
 
 
 def read_subset(data_dir: Path, subset: str) -> list[Row]:
@@ -118,8 +177,8 @@ def read_subset(data_dir: Path, subset: str) -> list[Row]:
     query_rules = load_rules("query").get(subset, {})
     candidate_rules = load_rules("candidate").get(subset, {})
     rows = []
-    for file in sorted((data_dir / subset).glob("**/*.parquet")):
-        table = pq.read_table(file, columns=["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"]).to_pylist()
+    for file in _files(data_dir, subset):
+        table = pq.read_table(file, columns=list(COLUMNS)).to_pylist()
         for record in table:
             candidates = [
                 (rewrite(text, candidate_rules), path)

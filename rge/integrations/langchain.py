@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import require
+from ..errors import require_extra
 from ._shared import resolve_encoder, side_prompts
 
-require("langchain_core", "langchain")
+require_extra("langchain_core", extra="langchain", needed_by=__name__)
 
 from langchain_core.embeddings import Embeddings  # noqa: E402
 

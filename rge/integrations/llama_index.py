@@ -10,10 +10,10 @@ import asyncio
 import io
 from typing import Any
 
-from . import require
+from ..errors import require_extra
 from ._shared import model_label, resolve_encoder, side_prompts
 
-require("llama_index.core", "llama-index")
+require_extra("llama_index.core", extra="llama-index", needed_by=__name__)
 
 from llama_index.core.embeddings import MultiModalEmbedding  # noqa: E402
 from pydantic import PrivateAttr  # noqa: E402

@@ -19,10 +19,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from . import require
+from ..errors import require_extra
 from ._shared import resolve_encoder, side_prompts
 
-require("mteb", "mteb")
+require_extra("mteb", extra="mteb", needed_by=__name__)
 
 import numpy as np  # noqa: E402
 from mteb.models import ModelMeta  # noqa: E402

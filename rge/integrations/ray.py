@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import require
+from ..errors import require_extra
 
-require("ray.data", "ray")
+require_extra("ray.data", extra="ray", needed_by=__name__)
 
 from ..corpus import Chunk, EncodeRows, Result, encode_items_skipping  # noqa: E402
 from ..encoder import RGEEncoder  # noqa: E402

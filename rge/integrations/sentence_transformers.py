@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import require
+from ..errors import require_extra
 from ._shared import model_label, resolve_encoder
 
-require("sentence_transformers", "sentence-transformers")
+require_extra("sentence_transformers", extra="sentence-transformers", needed_by=__name__)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

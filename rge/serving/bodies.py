@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any
 
+from ..errors import RGEError
 from .protocol import APIError, invalid
 
 _STRUCTURE = re.compile(rb'["\[{,]')
@@ -21,7 +22,7 @@ SLICE = 1 << 18
 """Bytes one step of the shape scan looks at (a few milliseconds of work)."""
 
 
-class BodyTooLarge(Exception):
+class BodyTooLarge(RGEError):
     """Raised while a body is read, once it passes the limit (the app answers 413)."""
 
 

@@ -26,11 +26,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import RGEError
 from .protocol import show
 from .settings import ServerSettings
 
 
-class ImageRejected(ValueError):
+class ImageRejected(RGEError, ValueError):
     """An image in a request cannot be used; the message says why (the caller adds the item index)."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import RGEError
 from .settings import ServerSettings
 
 INPUT_TYPES = ("query", "document")
@@ -28,7 +29,7 @@ REQUEST_FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "in
 refuses unknown keyword arguments, so that a misspelled option never goes unnoticed."""
 
 
-class APIError(Exception):
+class APIError(RGEError):
     """An error answered with OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(

@@ -3,14 +3,18 @@
 ``rge serve --ray --replicas N`` runs it; ``rge_deployment`` gives the application to ``serve.run`` for
 a cluster of your own (GPUs per replica through ``ray_actor_options={"num_gpus": 1}``). Ray's proxy
 spreads requests over replicas; each replica's queries share that replica's running batch, and
-``/metrics`` answers for the replica that took the request.
+``/metrics`` answers for the replica that took the request. Importing this module without Ray Serve raises
+``RGEMissingExtraError`` with the ``pip install`` command.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import require_extra
 from .settings import ServerSettings
+
+require_extra("ray.serve", extra="ray", needed_by="serving with Ray Serve")
 
 
 def rge_deployment(

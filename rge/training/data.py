@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
+from ..errors import TrainingDataError
 from ..eval.mmeb import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
 
@@ -65,10 +66,6 @@ class BadRow:
     line: int
     error: str
     step: int | None = None
-
-
-class TrainingDataError(ValueError):
-    """The training data cannot be used at all (no file, an unknown format, no usable row)."""
 
 
 def read_training_data(

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..encoder import RGEEncoder
+from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device, choose_dtype
 from .batches import DataPosition, epoch_plan, process_slice
 from .checkpoints import (
@@ -39,10 +40,6 @@ from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, c
 
 LOG_FILE = "log.jsonl"
 ERROR_FILE = "errors.jsonl"
-
-
-class TrainingSetupError(ValueError):
-    """The run cannot start as configured (output folder, resume, extras); nothing was trained."""
 
 
 def train(config: TrainingConfig, examples: Sequence[TrainingExample] | None = None) -> Path:
@@ -91,6 +88,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _check_output(self, output: Path) -> Path | None:
+        if self.config.lora:  # before the model is loaded
+            require_extra("peft", extra="train", needed_by="LoRA training")
         if output.exists() and not output.is_dir():
             raise TrainingSetupError(f"output {str(output)!r} is a file; give a folder")
         latest = latest_checkpoint(output) if output.is_dir() else None
@@ -225,17 +224,12 @@ def _distributed(module: EmbeddingModule, device: torch.device) -> torch.nn.Modu
 
 
 def _with_lora(model: Any, config: TrainingConfig) -> Any:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        from .._about import DISTRIBUTION
-
-        raise TrainingSetupError(f"LoRA needs peft: pip install '{DISTRIBUTION}[train]'") from None
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+    peft = require_extra("peft", extra="train", needed_by="LoRA training")
+    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.lora_target_modules), use_dora=config.dora,
                       init_lora_weights="gaussian")  # fmt: skip
     try:
-        return get_peft_model(model, lora)
+        return peft.get_peft_model(model, lora)
     except ValueError as error:
         raise TrainingSetupError(f"LoRA: {error}") from None
 
