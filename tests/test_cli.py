@@ -124,7 +124,7 @@ def test_a_misspelt_model_says_it_is_neither_a_folder_nor_on_the_hub(capsys, tmp
          'rge serve: serving with Ray Serve needs ray: pip install "rge-embeddings[ray]"'),
         (["serve", "--port", "PORT"], "fastapi",
          'rge serve: the server needs fastapi: pip install "rge-embeddings[serve]"'),
-        (["encode", "c.jsonl", "--output", "o", "--ray"], "ray.data",
+        (["encode", "c.jsonl", "--output", "o", "--ray", "--ignore-fields", "query,positive"], "ray.data",
          'rge encode: rge.integrations.ray needs ray: pip install "rge-embeddings[ray]"'),
         (["train", "--data", "c.jsonl", "--output", "o", "--lora"], "peft",
          'rge train: LoRA training needs peft: pip install "rge-embeddings[train]"'),

@@ -31,7 +31,7 @@ def exception_classes() -> dict[str, type[BaseException]]:
     """Every exception class defined in a module of rge (warnings aside: they are issued, not raised)."""
     found = {}
     for module in pkgutil.walk_packages(rge.__path__, "rge."):
-        if module.name == "rge.cli.__main__":  # runs the command when imported
+        if module.name.endswith(".__main__"):  # runs the command when imported
             continue
         for name, value in vars(importlib.import_module(module.name)).items():
             if (
