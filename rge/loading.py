@@ -155,7 +155,7 @@ def read_generation_settings(
     if local.is_dir():
         return GenerationSettings.from_checkpoint(local).with_penalty(repetition_penalty)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     with explained_hub_failures(name_or_path, revision=revision, local_files_only=local_files_only):
         try:
@@ -164,8 +164,10 @@ def read_generation_settings(
                 cache_dir=None if cache_dir is None else str(cache_dir), token=token,
                 local_files_only=local_files_only,
             )  # fmt: skip
-        except EntryNotFoundError:
-            return GenerationSettings().with_penalty(repetition_penalty)
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):  # (a subclass): not cached and not reachable
+                raise
+            return GenerationSettings().with_penalty(repetition_penalty)  # the repository has no such file
     return GenerationSettings.from_checkpoint(Path(file).parent).with_penalty(repetition_penalty)
 
 

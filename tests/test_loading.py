@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from rge import RGECheckpointError, RGEEncoder, RGEModelNotFoundError
 from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
-from rge.loading import choose_attention, choose_device, choose_dtype
+from rge.loading import choose_attention, choose_device, choose_dtype, read_generation_settings
 from rge.testing import EMB, build_tiny_checkpoint, install_in_hf_cache, make_test_image
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
@@ -146,6 +146,8 @@ def test_unknown_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
         "and cannot be downloaded from the hub: HF_HUB_OFFLINE is set and there is no cached copy."
     )
     assert isinstance(raised.value.__cause__, LocalEntryNotFoundError)  # the hub's own error, chained
+    with pytest.raises(RGEModelNotFoundError):  # not the default settings, as if the file did not exist
+        read_generation_settings("someone/not-cached", cache_dir=tmp_path)
 
 
 def test_a_misspelt_model_says_it_is_neither_a_folder_nor_on_the_hub(tmp_path, monkeypatch):
