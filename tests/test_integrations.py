@@ -240,7 +240,8 @@ def test_mteb_metadata_and_cache_follow_the_checkpoint(encoder, tiny_path, tmp_p
 @pytest.mark.parametrize(
     "module, extra, package",
     [("langchain", "langchain", "langchain_core"), ("llama_index", "llama-index", "llama_index.core"),
-     ("sentence_transformers", "sentence-transformers", "sentence_transformers"), ("mteb", "mteb", "mteb")],
+     ("sentence_transformers", "sentence-transformers", "sentence_transformers"), ("mteb", "mteb", "mteb"),
+     ("haystack", "haystack", "haystack"), ("chroma", "chroma", "chromadb"), ("lancedb", "lancedb", "lancedb")],
 )  # fmt: skip
 def test_missing_extra_names_it(monkeypatch, module, extra, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes "import package" fail
@@ -250,7 +251,7 @@ def test_missing_extra_names_it(monkeypatch, module, extra, package):
 
 
 def test_importing_rge_imports_no_adapter_library():
-    adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers')"
+    adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers', 'haystack', 'chromadb', 'lancedb')"
     code = f"import sys, rge; print(sorted(m for m in {adapters} if m in sys.modules))"
     import subprocess
 
