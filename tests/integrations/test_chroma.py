@@ -47,6 +47,7 @@ def test_function_gives_the_encoders_vectors_and_passes_chromas_checks(encoder, 
 
 def test_collection_add_and_query(encoder, image_paths):
     client = chromadb.EphemeralClient(settings=OFFLINE)
+    client.reset()  # in-memory clients with the same settings share their collections
     embed = RGEEmbeddingFunction(encoder=encoder, batch_size=2)
     collection = client.create_collection("docs", embedding_function=embed, data_loader=ImageLoader())
     pixels = np.asarray(Image.open(image_paths[0]).convert("RGB"))
