@@ -88,6 +88,56 @@ def test_llama_index_async_runs_batched_off_the_event_loop(encoder, image_paths,
     np.testing.assert_allclose(single, original(DOCUMENTS[0]), atol=1e-6)
 
 
+def test_llama_index_takes_every_base_embedding_field(encoder, tiny_path, monkeypatch):
+    """LlamaIndex's own fields are fields, never loading options (with encoder= and with model_name=), and
+    LlamaIndex uses them: callbacks fire, batch size, rate limiter and cache apply, workers run async batches."""
+    import llama_index.core.base.embeddings.base as llama_base
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+    from llama_index.core.embeddings import MultiModalEmbedding
+    from llama_index.core.rate_limiter import TokenBucketRateLimiter
+    from llama_index.core.storage.kvstore import SimpleKVStore
+
+    from rge.integrations.llama_index import RGEEmbedding
+
+    for name, field in MultiModalEmbedding.model_fields.items():  # each field alone, at its default
+        if name != "model_name":
+            RGEEmbedding(encoder=encoder, **{name: field.get_default(call_default_factory=True)})
+    calls, workers = [], []
+    original, run_jobs = encoder.encode_document, llama_base.run_jobs
+
+    def counting(texts, **options):
+        calls.append(len(texts))
+        return original(texts, **options)
+
+    def watching(jobs, **options):
+        workers.append(options["workers"])
+        return run_jobs(jobs, **options)
+
+    monkeypatch.setattr(encoder, "encode_document", counting)
+    monkeypatch.setattr(llama_base, "run_jobs", watching)
+    debug, cache, limiter, acquired = LlamaDebugHandler(), SimpleKVStore(), TokenBucketRateLimiter(), []
+    monkeypatch.setattr(TokenBucketRateLimiter, "acquire", lambda self, *args, **kwargs: acquired.append(1))
+    model = RGEEmbedding(encoder=encoder, callback_manager=CallbackManager([debug]), num_workers=2, embed_batch_size=1,
+                         embeddings_cache=cache, rate_limiter=limiter)  # fmt: skip
+    assert (model.num_workers, model.embed_batch_size, model.rate_limiter) == (2, 1, limiter)
+    assert model.embeddings_cache is cache
+    vectors = model.get_text_embedding_batch(DOCUMENTS)
+    np.testing.assert_allclose(vectors, original(DOCUMENTS), atol=1e-6)
+    assert calls == [1, 1] and len(debug.get_event_pairs(CBEventType.EMBEDDING)) == 2  # batches of 1, each an event
+    assert len(acquired) == 2  # the rate limiter was asked before each batch
+    assert cache.get(DOCUMENTS[0], collection="embeddings") is not None
+    assert model.get_text_embedding_batch(DOCUMENTS) == vectors and calls == [1, 1]  # from the cache
+    more = ["A red car.", "A blue boat.", "A green tree."]
+    np.testing.assert_allclose(asyncio.run(model.aget_text_embedding_batch(more)), original(more), atol=1e-6)
+    assert workers == [2] and calls == [1, 1, 1, 1, 1]
+
+    by_name = RGEEmbedding(model_name=str(tiny_path), device="cpu", max_new_tokens=encoder.max_new_tokens,
+                           callback_manager=CallbackManager([debug]), num_workers=2, embed_batch_size=3)  # fmt: skip
+    assert (by_name.model_name, by_name.num_workers, by_name.embed_batch_size) == (str(tiny_path), 2, 3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'no_such_option'"):
+        RGEEmbedding(model_name=str(tiny_path), no_such_option=1)  # the rest still goes to from_pretrained
+
+
 def test_sentence_transformers(encoder, image_paths, tmp_path):
     from rge.integrations.sentence_transformers import to_sentence_transformer
 
@@ -259,7 +309,8 @@ def test_mteb_metadata_and_cache_follow_the_checkpoint(encoder, tiny_path, tmp_p
 @pytest.mark.parametrize(
     "module, extra, package",
     [("langchain", "langchain", "langchain_core"), ("llama_index", "llama-index", "llama_index.core"),
-     ("sentence_transformers", "sentence-transformers", "sentence_transformers"), ("mteb", "mteb", "mteb")],
+     ("sentence_transformers", "sentence-transformers", "sentence_transformers"), ("mteb", "mteb", "mteb"),
+     ("haystack", "haystack", "haystack"), ("chroma", "chroma", "chromadb"), ("lancedb", "lancedb", "lancedb")],
 )  # fmt: skip
 def test_missing_extra_names_it(monkeypatch, module, extra, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes "import package" fail
@@ -272,7 +323,7 @@ def test_missing_extra_names_it(monkeypatch, module, extra, package):
 
 
 def test_importing_rge_imports_no_adapter_library():
-    adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers')"
+    adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers', 'haystack', 'chromadb', 'lancedb')"
     code = f"import sys, rge; print(sorted(m for m in {adapters} if m in sys.modules))"
     import subprocess
 

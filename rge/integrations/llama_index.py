@@ -26,7 +26,9 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
 
     The async methods run the encoder in a worker thread, batched as the sync ones, so the event loop is
     never blocked by the model. ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``) or
-    ``query_prompt`` / ``document_prompt`` put an instruction before each text.
+    ``query_prompt`` / ``document_prompt`` put an instruction before each text. Every field of LlamaIndex's
+    ``BaseEmbedding`` (``callback_manager``, ``num_workers``, ``embeddings_cache``, ``rate_limiter``, ...) is
+    accepted and used as LlamaIndex uses it; the other keyword arguments are ``from_pretrained`` options.
     """
 
     _encoder: Any = PrivateAttr()
@@ -44,8 +46,9 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
         document_prompt: str | None = None,
         **load_kwargs: Any,
     ) -> None:
+        fields = {key: load_kwargs.pop(key) for key in list(load_kwargs) if key in type(self).model_fields}
         resolved = resolve_encoder(encoder, model_name, load_kwargs)
-        super().__init__(model_name=model_label(resolved, model_name), embed_batch_size=embed_batch_size)
+        super().__init__(model_name=model_label(resolved, model_name), embed_batch_size=embed_batch_size, **fields)
         self._encoder = resolved
         self._query, self._document = side_prompts(prompt_name, query_prompt, document_prompt)
 
