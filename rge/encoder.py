@@ -173,6 +173,11 @@ class RGEEncoder(EncodeMethods):
     def dtype(self) -> torch.dtype:
         return self.model.dtype  # type: ignore[no-any-return]
 
+    def __repr__(self) -> str:
+        name = self.checkpoint.name or str(self.checkpoint.path)
+        return (f"{type(self).__name__}(model={name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"max_new_tokens={self.max_new_tokens}, kv_cache={self.kv_cache!r})")  # fmt: skip
+
     # What a call returns, for type checkers (the last definition is what runs): see rge/encode_methods.py.
     # fmt: off
     @overload

@@ -78,6 +78,9 @@ class Rationales(list[str]):
         self.token_ids = [list(ids) for ids in token_ids]
         self.num_generated_tokens = [len(ids) for ids in self.token_ids]
 
+    def __repr__(self) -> str:
+        return f"Rationales({list(self)!r}, num_generated_tokens={self.num_generated_tokens})"
+
 
 EncodeResult = Embeddings | tuple[Embeddings, Rationales | str]
 """What ``encode`` returns when its switches are not known statically."""

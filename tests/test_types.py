@@ -1,5 +1,5 @@
 """The public API's types: what a type checker infers from calls to it (mypy run on a small typed module),
-the closed sets of option strings against what the code accepts, the encoder protocol."""
+the closed sets of option strings against what the code accepts, the encoder protocol, Rationales' repr."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mypy import api
 import rge
 from rge.encoder import KV_CACHES
 from rge.prompts import TASK_PROMPTS
-from rge.types import EncoderProtocol, KVCache, PromptName
+from rge.types import EncoderProtocol, KVCache, PromptName, Rationales
 
 ROOT = Path(rge.__file__).resolve().parents[1]
 
@@ -110,3 +110,9 @@ def test_option_literals_are_the_values_the_code_accepts():
 def test_the_encoder_is_an_encoder_protocol_and_other_objects_are_not(encoder):
     assert isinstance(encoder, EncoderProtocol)
     assert not isinstance(object(), EncoderProtocol)
+
+
+def test_rationales_repr_shows_texts_and_counts():
+    rationales = Rationales(["a cat", ""], [[5, 6, 7], []])
+    assert repr(rationales) == "Rationales(['a cat', ''], num_generated_tokens=[3, 0])"
+    assert rationales == ["a cat", ""]
