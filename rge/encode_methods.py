@@ -16,12 +16,10 @@ import torch
 
 from .engine.pooling import l2_normalize
 from .errors import RGEInputError
-from .types import Embeddings, EncodeInput, EncodeResult, ImagesInput, PromptName, Rationales, TextInput
+from .types import Embeddings, EncodeInput, EncodeOptions, EncodeResult, ImagesInput, PromptName, Rationales, TextInput
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
-
-    from .types import EncodeOptions
 
 
 class EncodeMethods:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -38,6 +38,7 @@ from .types import (
     DTypeName,
     Embeddings,
     EncodeInput,
+    EncodeOptions,
     EncodeResult,
     ImagesInput,
     KVCache,
@@ -47,11 +48,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from typing_extensions import Unpack
-
-    from .types import EncodeOptions
 
 KV_CACHES = ("auto", *BATCHES)
 
@@ -242,16 +239,13 @@ class RGEEncoder(EncodeMethods):
 
         - ``texts``: a str, a ``{"text", "image"}`` dict, or a sequence or iterable of them (``None``: the
           ``images`` alone); ``images``: one per text in a list or tuple (``None`` for none), or one image.
-        - ``reason``: ``True`` takes the query path (a rationale, then the embedding), ``False`` the candidate
-          path (one forward pass).
+        - ``reason``: the query path (a rationale, then the embedding) if True, else the candidate path.
         - ``batch_size``: items run together; ``normalize``: L2-normalise; ``show_progress_bar``: a tqdm bar
           (default: when there is more than one batch).
         - ``convert_to_tensor=True`` (or ``convert_to_numpy=False``): a torch tensor instead of numpy.
         - ``return_rationales=True``: ``(embeddings, Rationales)``; for a single item, its rationale (a str).
-        - ``max_new_tokens``: the reasoning budget; ``repetition_penalty``: overrides ``generation_settings``;
-          both for this call.
-        - ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
-          evaluation loads them.
+        - ``max_new_tokens`` (the reasoning budget) and ``repetition_penalty`` override the encoder's here.
+        - ``exif_transpose=False`` keeps images as stored (no EXIF rotation), as the authors' evaluation does.
         - ``prompt`` (a str) or ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``: ``"vqa"``,
           ``"image_retrieval"``, ...; the side is picked by ``reason``) goes before every text.
         """
