@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,6 +30,7 @@ from .corpus_rows import (
 )
 from .errors import RGEInputError, RGEJobError
 from .storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
+from .types import CorpusSide, EncoderProtocol
 
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
@@ -274,6 +275,28 @@ def _finish(output: Path, plan: ShardPlan, job: dict[str, Any]) -> JobReport:
     return JobReport(plan.rows, encoded, len(errors), plan.shards, output, errors)
 
 
+# fmt: off
+@overload
+def load_embeddings(
+    path: str | Path, *, return_ids: Literal[False] = ..., return_rationales: Literal[False] = ...
+) -> np.ndarray: ...
+@overload
+def load_embeddings(
+    path: str | Path, *, return_ids: Literal[True], return_rationales: Literal[False] = ...
+) -> tuple[np.ndarray, list[str]]: ...
+@overload
+def load_embeddings(
+    path: str | Path, *, return_ids: Literal[False] = ..., return_rationales: Literal[True]
+) -> tuple[np.ndarray, list[str]]: ...
+@overload
+def load_embeddings(
+    path: str | Path, *, return_ids: Literal[True], return_rationales: Literal[True]
+) -> tuple[np.ndarray, list[str], list[str]]: ...
+@overload
+def load_embeddings(
+    path: str | Path, *, return_ids: bool = ..., return_rationales: bool = ...
+) -> np.ndarray | tuple[np.ndarray, list[str]] | tuple[np.ndarray, list[str], list[str]]: ...
+# fmt: on
 def load_embeddings(path: str | Path, *, return_ids: bool = False, return_rationales: bool = False) -> Any:
     """The (N, D) float32 embeddings of an ``rge encode`` output, in input order (failed rows left out).
 
@@ -299,7 +322,7 @@ def load_embeddings(path: str | Path, *, return_ids: bool = False, return_ration
     return (embeddings, *extras) if extras else embeddings
 
 
-def local_encode_rows(encoder: Any, side: str, batch_size: int) -> EncodeRows:
+def local_encode_rows(encoder: EncoderProtocol, side: CorpusSide, batch_size: int) -> EncodeRows:
     """``encode_rows`` for one process: each chunk goes through ``encoder``; bad rows are reported, not fatal."""
 
     def encode_rows(chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, Result]]:
@@ -309,7 +332,7 @@ def local_encode_rows(encoder: Any, side: str, batch_size: int) -> EncodeRows:
     return encode_rows
 
 
-def encode_chunk(encoder: Any, rows: Sequence[CorpusRow], side: str, batch_size: int) -> Result:
+def encode_chunk(encoder: EncoderProtocol, rows: Sequence[CorpusRow], side: CorpusSide, batch_size: int) -> Result:
     """Encode ``rows``; rows the encoder rejects are reported by position instead of failing the chunk."""
     items = [{"text": row.text, **({"image": row.image} if row.image else {})} for row in rows]
     vectors, rationales, failed = encode_items_skipping(encoder, items, side == "query", batch_size)
@@ -317,7 +340,7 @@ def encode_chunk(encoder: Any, rows: Sequence[CorpusRow], side: str, batch_size:
 
 
 def encode_items_skipping(
-    encoder: Any, items: list[dict[str, Any]], reason: bool, batch_size: int
+    encoder: EncoderProtocol, items: list[dict[str, Any]], reason: bool, batch_size: int
 ) -> tuple[np.ndarray, list[str], dict[int, str]]:
     """Embeddings and rationales of the items the encoder accepts, and the error of each rejected index.
 

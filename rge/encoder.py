@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
 
+from .encode_methods import EncodeMethods
 from .engine.batching import ModelBatch, TokenizedItem, collate
 from .engine.cache_pool import SlotCachePool
 from .engine.candidates import embed_candidates
@@ -32,25 +33,27 @@ from .loading import (
 from .pipeline import InputPipeline
 from .prompts import EMB_TOKEN, resolve_prompt
 from .tokenization import PromptTokenizer
-from .types import Embeddings, EncodeInput, ImageInput
+from .types import (
+    AttnImplementation,
+    DTypeName,
+    Embeddings,
+    EncodeInput,
+    EncodeOptions,
+    EncodeResult,
+    ImagesInput,
+    KVCache,
+    PromptName,
+    Rationales,
+    TextInput,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 KV_CACHES = ("auto", *BATCHES)
 
 
-class Rationales(list[str]):
-    """The rationales of an ``encode`` call, in input order ("" on the candidate path).
-
-    ``token_ids`` holds, per item, the token ids the query path generated (``<emb>`` included when it was
-    emitted; empty on the candidate path) and ``num_generated_tokens`` their counts.
-    """
-
-    def __init__(self, texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> None:
-        super().__init__(texts)
-        self.token_ids = [list(ids) for ids in token_ids]
-        self.num_generated_tokens = [len(ids) for ids in self.token_ids]
-
-
-class RGEEncoder:
+class RGEEncoder(EncodeMethods):
     """Encodes text, images and text+image items with an RGE checkpoint.
 
     Queries reason first (greedy rationale ending in ``<emb>``; the embedding is the hidden state of
@@ -64,7 +67,7 @@ class RGEEncoder:
         max_new_tokens: int = 128,
         max_length: int | None = None,
         repetition_penalty: float | None = None,
-        kv_cache: str = "auto",
+        kv_cache: KVCache = "auto",
     ) -> None:
         if kv_cache not in KV_CACHES:
             raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
@@ -95,14 +98,14 @@ class RGEEncoder:
         name_or_path: str | os.PathLike[str],
         *,
         device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        attn_implementation: str | None = None,
+        dtype: DTypeName | torch.dtype | None = None,
+        attn_implementation: AttnImplementation | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_new_tokens: int = 128,
         max_length: int | None = None,
         repetition_penalty: float | None = None,
-        kv_cache: str = "auto",
+        kv_cache: KVCache = "auto",
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
@@ -167,10 +170,56 @@ class RGEEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.dtype  # type: ignore[no-any-return]
 
+    def __repr__(self) -> str:
+        name = self.checkpoint.name or str(self.checkpoint.path)
+        return (f"{type(self).__name__}(model={name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"max_new_tokens={self.max_new_tokens}, kv_cache={self.kv_cache!r})")  # fmt: skip
+
+    # What a call returns, for type checkers (the last definition is what runs): see rge/encode_methods.py.
+    # fmt: off
+    @overload
+    def encode(  # type: ignore[overload-overlap]
+        self, texts: TextInput, images: ImagesInput = ..., *, return_rationales: Literal[True],
+        convert_to_tensor: Literal[True], convert_to_numpy: bool = ..., **options: Unpack[EncodeOptions]
+    ) -> tuple[torch.Tensor, str]: ...
+    @overload
+    def encode(  # type: ignore[overload-overlap]
+        self, texts: TextInput, images: ImagesInput = ..., *, return_rationales: Literal[True],
+        convert_to_tensor: Literal[False] = ..., convert_to_numpy: Literal[True] = ..., **options: Unpack[EncodeOptions]
+    ) -> tuple[np.ndarray, str]: ...
+    @overload
+    def encode(
+        self, texts: Iterable[TextInput], images: ImagesInput = ..., *, return_rationales: Literal[True],
+        convert_to_tensor: Literal[True], convert_to_numpy: bool = ..., **options: Unpack[EncodeOptions]
+    ) -> tuple[torch.Tensor, Rationales]: ...
+    @overload
+    def encode(
+        self, texts: Iterable[TextInput], images: ImagesInput = ..., *, return_rationales: Literal[True],
+        convert_to_tensor: Literal[False] = ..., convert_to_numpy: Literal[True] = ..., **options: Unpack[EncodeOptions]
+    ) -> tuple[np.ndarray, Rationales]: ...
+    @overload
+    def encode(
+        self, texts: EncodeInput | None = ..., images: ImagesInput = ..., *, return_rationales: Literal[False] = ...,
+        convert_to_tensor: Literal[True], convert_to_numpy: bool = ..., **options: Unpack[EncodeOptions]
+    ) -> torch.Tensor: ...
+    @overload
+    def encode(
+        self, texts: EncodeInput | None = ..., images: ImagesInput = ..., *, return_rationales: Literal[False] = ...,
+        convert_to_tensor: Literal[False] = ..., convert_to_numpy: Literal[True] = ..., **options: Unpack[EncodeOptions]
+    ) -> np.ndarray: ...
+    @overload
+    def encode(
+        self, texts: EncodeInput | None = ..., images: ImagesInput = ..., reason: bool = ..., batch_size: int = ...,
+        normalize: bool = ..., show_progress_bar: bool | None = ..., convert_to_numpy: bool = ...,
+        convert_to_tensor: bool = ..., return_rationales: bool = ..., max_new_tokens: int | None = ..., *,
+        exif_transpose: bool = ..., repetition_penalty: float | None = ..., prompt: str | None = ...,
+        prompt_name: PromptName | None = ...,
+    ) -> EncodeResult: ...
+    # fmt: on
     def encode(
         self,
         texts: EncodeInput | None = None,
-        images: Sequence[ImageInput | None] | ImageInput | None = None,
+        images: ImagesInput = None,
         reason: bool = True,
         batch_size: int = 16,
         normalize: bool = True,
@@ -183,19 +232,22 @@ class RGEEncoder:
         exif_transpose: bool = True,
         repetition_penalty: float | None = None,
         prompt: str | None = None,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         **unknown: Any,
-    ) -> Any:
-        """Embed ``texts`` (a str, a ``{"text", "image"}`` dict, or a sequence of them) with their ``images``
-        (one per text; or ``images`` alone, with ``texts=None``).
+    ) -> EncodeResult:
+        """Embed ``texts`` with their ``images``: float32 (N, D) in input order, (D,) for a single item.
 
-        ``reason=True`` takes the query path, ``reason=False`` the candidate path. Returns float32 (N, D)
-        in input order (1-D for a single input), numpy unless ``convert_to_tensor`` or
-        ``convert_to_numpy=False``; with ``return_rationales=True``, ``(embeddings, Rationales)``.
-        ``exif_transpose=False`` keeps images as stored (ignoring EXIF orientation), as the authors'
-        evaluation loads them. ``repetition_penalty`` overrides ``generation_settings`` for this call.
-        ``prompt`` (a str) or ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``: ``"vqa"``,
-        ``"image_retrieval"``, ...; the side is picked by ``reason``) goes before every text.
+        - ``texts``: a str, a ``{"text", "image"}`` dict, or a sequence or iterable of them (``None``: the
+          ``images`` alone); ``images``: one per text in a list or tuple (``None`` for none), or one image.
+        - ``reason``: the query path (a rationale, then the embedding) if True, else the candidate path.
+        - ``batch_size``: items run together; ``normalize``: L2-normalise; ``show_progress_bar``: a tqdm bar
+          (default: when there is more than one batch).
+        - ``convert_to_tensor=True`` (or ``convert_to_numpy=False``): a torch tensor instead of numpy.
+        - ``return_rationales=True``: ``(embeddings, Rationales)``; for a single item, its rationale (a str).
+        - ``max_new_tokens`` (the reasoning budget) and ``repetition_penalty`` override the encoder's here.
+        - ``exif_transpose=False`` keeps images as stored (no EXIF rotation), as the authors' evaluation does.
+        - ``prompt`` (a str) or ``prompt_name`` (a task of ``rge.prompts.TASK_PROMPTS``: ``"vqa"``,
+          ``"image_retrieval"``, ...; the side is picked by ``reason``) goes before every text.
         """
         if unknown:
             raise RGEInputError(f"unknown keyword arguments: {', '.join(sorted(unknown))}")
@@ -228,40 +280,6 @@ class RGEEncoder:
         if return_rationales:
             return result, (rationales[0] if single else rationales)
         return result
-
-    def encode_query(self, texts: EncodeInput | None = None, images: Any = None, **kwargs: Any) -> Any:
-        """``encode`` on the query path: each item reasons before it is embedded."""
-        return self.encode(texts, images, reason=kwargs.pop("reason", True), **kwargs)
-
-    def encode_document(self, texts: EncodeInput | None = None, images: Any = None, **kwargs: Any) -> Any:
-        """``encode`` on the candidate path (no reasoning) unless ``reason=True`` is given."""
-        return self.encode(texts, images, reason=kwargs.pop("reason", False), **kwargs)
-
-    @overload
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
-    @overload
-    def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings: ...
-    def similarity(self, a: Embeddings, b: Embeddings) -> Embeddings:
-        """Cosine similarity matrix (len(a), len(b)); numpy in gives numpy out, a tensor gives a tensor.
-
-        ``a`` and ``b`` are one vector (D,) or a matrix (N, D) of this encoder's dimension D each.
-        """
-        left, right = (l2_normalize(self._as_matrix(x, name)) for x, name in ((a, "a"), (b, "b")))
-        scores = left @ right.T
-        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-            return scores
-        return scores.numpy()
-
-    def _as_matrix(self, vectors: Embeddings, name: str) -> torch.Tensor:
-        matrix = torch.as_tensor(vectors).float()
-        matrix = matrix[None] if matrix.ndim == 1 else matrix
-        if matrix.ndim != 2 or matrix.shape[1] != self.embedding_dim:
-            dim = self.embedding_dim
-            raise RGEInputError(
-                f"similarity: {name} has shape {tuple(torch.as_tensor(vectors).shape)}; expected ({dim},) "
-                f"or (N, {dim}), this encoder's embedding dimension"
-            )
-        return matrix
 
     def prepare(
         self,
@@ -317,7 +335,7 @@ class RGEEncoder:
         *,
         generation: GenerationSettings | None = None,
         admission: bool = True,
-        kv_cache: str | None = None,
+        kv_cache: KVCache | None = None,
         choice: TokenChoice = GREEDY,
     ) -> ReasoningDecoder:
         """The query path's decoder as ``encode`` configures it (its cache, budget and generation settings;

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,12 @@ CHECKPOINT_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.mo
 
 @dataclass
 class LoadedCheckpoint:
-    """Everything the encoder needs from a checkpoint."""
+    """Everything the encoder needs from a checkpoint (its repr leaves out the model and its processors)."""
 
-    model: Any
-    tokenizer: Any
-    vision: VisionPreprocessor
-    template: PromptTemplate
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    vision: VisionPreprocessor = field(repr=False)
+    template: PromptTemplate = field(repr=False)
     emb_token_id: int
     image_pad_id: int
     pad_token_id: int

@@ -131,6 +131,7 @@ def test_hub_id_loads_from_the_cache_offline(tiny_path, tmp_path, monkeypatch, e
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     hub = _load("MCG-NJU/RGE", cache_dir=tmp_path)
     np.testing.assert_allclose(hub.encode_document(TEXTS), encoder.encode_document(TEXTS), atol=1e-6)
+    assert repr(hub).startswith("RGEEncoder(model='MCG-NJU/RGE', device=")
 
 
 def test_unknown_hub_id_offline_fails_clearly(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 
 from ..encoder import RGEEncoder
 from ..prompts import resolve_prompt
+from ..types import PromptName
 
 
 def _check_source(encoder: RGEEncoder | None, model_name: str | None, load_kwargs: dict[str, Any]) -> None:
@@ -87,7 +88,7 @@ def model_label(encoder: RGEEncoder, model_name: str | None) -> str:
 
 
 def side_prompts(
-    prompt_name: str | None, query_prompt: str | None, document_prompt: str | None
+    prompt_name: PromptName | None, query_prompt: str | None, document_prompt: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``encode`` keyword arguments for the query side and the document side of an adapter.
 

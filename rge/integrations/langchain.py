@@ -18,6 +18,7 @@ require_extra("langchain_core", extra="langchain", needed_by=__name__)
 from langchain_core.embeddings import Embeddings  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
+from ..types import PromptName  # noqa: E402
 
 
 class RGEEmbeddings(Embeddings):
@@ -35,7 +36,7 @@ class RGEEmbeddings(Embeddings):
         *,
         model_name: str | None = None,
         batch_size: int = 16,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
         **load_kwargs: Any,

@@ -19,6 +19,7 @@ from llama_index.core.embeddings import MultiModalEmbedding  # noqa: E402
 from pydantic import PrivateAttr  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
+from ..types import PromptName  # noqa: E402
 
 
 class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
@@ -41,7 +42,7 @@ class RGEEmbedding(MultiModalEmbedding):  # type: ignore[misc]
         *,
         model_name: str | None = None,
         embed_batch_size: int = 16,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
         **load_kwargs: Any,

@@ -31,6 +31,7 @@ from mteb.models.model_meta import ScoringFunction  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from ..encoder import RGEEncoder  # noqa: E402
+from ..types import PromptName  # noqa: E402
 
 
 class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
@@ -43,7 +44,7 @@ class RGEMtebModel(AbsEncoder):  # type: ignore[misc]
         *,
         encoder: RGEEncoder | None = None,
         batch_size: int = 16,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
         **load_kwargs: Any,

@@ -13,7 +13,7 @@ same resumable shards as a local run.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -23,6 +23,7 @@ require_extra("ray.data", extra="ray", needed_by=__name__)
 
 from ..corpus import Chunk, EncodeRows, Result, encode_items_skipping  # noqa: E402
 from ..encoder import RGEEncoder  # noqa: E402
+from ..types import CorpusSide  # noqa: E402
 
 
 class RGEBatchEncoder:
@@ -37,11 +38,11 @@ class RGEBatchEncoder:
         self,
         model: str = "MCG-NJU/RGE",
         *,
-        side: str = "document",
+        side: CorpusSide = "document",
         batch_size: int = 16,
         text_column: str = "text",
         image_column: str = "image",
-        on_error: str = "raise",
+        on_error: Literal["raise", "report"] = "raise",
         **load_kwargs: Any,
     ) -> None:
         if side not in ("document", "query") or on_error not in ("raise", "report"):
@@ -96,7 +97,7 @@ def _items(batch: dict[str, np.ndarray], text_column: str, image_column: str) ->
 
 def ray_encode_rows(
     model: str,
-    side: str,
+    side: CorpusSide,
     batch_size: int,
     *,
     workers: int,

@@ -31,7 +31,7 @@ from .bodies import BodyLimit, BodyTooLarge
 from .metrics import Metrics, MetricsMiddleware
 from .preparation import RequestPreparer
 from .protocol import APIError, EmbeddingRequest, embedding_data, invalid, show
-from .scheduler import JobResult, Scheduler
+from .scheduler import JobResult, Scheduler, ServedEncoder
 from .settings import ServerSettings
 
 logger = logging.getLogger("rge.serving")
@@ -55,7 +55,7 @@ class ServerState:
         """Done when the shutdown's grace period is over: whatever is still waiting answers 503 (made when the
         app starts, on its event loop)."""
 
-    def load(self, load_encoder: Callable[[], Any]) -> None:
+    def load(self, load_encoder: Callable[[], ServedEncoder]) -> None:
         try:
             encoder = load_encoder()
         except Exception as error:
@@ -103,7 +103,7 @@ class ServerState:
 
 def create_app(
     settings: ServerSettings,
-    load_encoder: Callable[[], Any],
+    load_encoder: Callable[[], ServedEncoder],
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """An app serving the encoder ``load_encoder()`` returns (called once, in a thread, at startup).

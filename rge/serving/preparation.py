@@ -28,6 +28,7 @@ from ..prompts import resolve_prompt
 from .bodies import check_shape, parse_json
 from .images import ImageRejected, PixelBudget, image_bytes, is_url, open_image
 from .protocol import APIError, EmbeddingRequest, invalid, parse_request
+from .scheduler import ServedEncoder
 from .settings import ServerSettings
 
 T = TypeVar("T")
@@ -36,7 +37,7 @@ T = TypeVar("T")
 class RequestPreparer:
     """Parses and prepares requests for one encoder in three bounded pools of threads."""
 
-    def __init__(self, encoder: Any, settings: ServerSettings) -> None:
+    def __init__(self, encoder: ServedEncoder, settings: ServerSettings) -> None:
         self.encoder, self.settings = encoder, settings
         self.text_lane = ThreadPoolExecutor(2, "rge-text")
         self.image_lane = ThreadPoolExecutor(settings.input_workers, "rge-images")

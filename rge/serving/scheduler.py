@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from ..engine.stream import DecodeStream, FinishedQuery
 from .metrics import Metrics
 from .protocol import APIError
 from .settings import ServerSettings
+
+if TYPE_CHECKING:
+    from ..engine.decoder import ReasoningDecoder
+    from ..pipeline import InputPipeline
 
 logger = logging.getLogger("rge.serving")
 
@@ -61,6 +65,28 @@ class _Cancel:
     job_id: int
 
 
+class ServedEncoder(Protocol):
+    """What the server drives: an encoder's lower-level side (``RGEEncoder`` is one). Requests are prepared
+    with ``prepare`` (and ``inputs``' workers), queries run in ``query_decoder``'s stream, documents through
+    ``candidate_embeddings``."""
+
+    inputs: InputPipeline
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def embedding_dim(self) -> int: ...
+
+    def prepare(self, texts: Any, images: Any = None, *, reason: bool, prompt: str = "") -> list[TokenizedItem]: ...
+
+    def query_decoder(self, batch_size: int) -> ReasoningDecoder: ...
+
+    def candidate_embeddings(self, items: Sequence[TokenizedItem], batch_size: int) -> torch.Tensor: ...
+
+    def rationale_texts(self, token_ids: Sequence[Sequence[int]]) -> list[str]: ...
+
+
 _STOP = object()
 _WAKE = object()  # some waiting item's inputs are ready
 
@@ -68,7 +94,7 @@ _WAKE = object()  # some waiting item's inputs are ready
 class Scheduler:
     """Owns the encoder's model in one thread; ``submit`` from the event loop, await the future."""
 
-    def __init__(self, encoder: Any, settings: ServerSettings, metrics: Metrics) -> None:
+    def __init__(self, encoder: ServedEncoder, settings: ServerSettings, metrics: Metrics) -> None:
         self.encoder, self.settings, self.metrics = encoder, settings, metrics
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ids = itertools.count()

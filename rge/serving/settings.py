@@ -25,8 +25,9 @@ class ServerSettings:
 
     model_names: tuple[str, ...] = ("rge",)
     """Names the server answers to; requests naming another model get 404 (the first one is reported)."""
-    api_key: str | None = None
-    """When set, every route but ``/health`` needs ``Authorization: Bearer <api_key>``."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (left out of the repr, so
+    printed or logged settings do not show it)."""
     batch_size: int = 32
     """Queries decoded together (the running batch) and documents per forward pass."""
     batch_wait: float = 0.005

@@ -29,6 +29,7 @@ from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
 from ..engine.forward import build_position_ids, forward_prompts
 from ..errors import RGEInputError
+from ..types import KVCache
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
 from .data import BadRow, Side, TrainingDataError, TrainingExample
 from .distributed import world_size
@@ -152,7 +153,7 @@ def self_generated_rationales(
     model.eval()
     try:
         # Eager steps: graphs captured for one short batch per training step would not pay for themselves.
-        eager = "preallocated" if encoder.device.type == "cuda" else None
+        eager: KVCache | None = "preallocated" if encoder.device.type == "cuda" else None
         decoder = encoder.query_decoder(batch_size=len(prompts), max_new_tokens=max_new_tokens, kv_cache=eager)
         indexed = [replace(prompt, index=row) for row, prompt in enumerate(prompts)]
         return decoder.run(indexed).generated

@@ -1,5 +1,5 @@
 """No server-side paths, image URLs only from allow-listed public hosts (pinned, no redirects, limited),
-and the defaults: loopback binding."""
+the defaults: loopback binding, and settings that print without their API key."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from rge.serving import ServerSettings
 from rge.serving.images import host_allowed
 
 from ..test_candidates import cosine
@@ -105,3 +106,8 @@ def test_the_command_binds_to_loopback_by_default():
 
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.api_key is None and not args.allow_image_host
+
+
+def test_printed_settings_do_not_show_the_api_key():
+    settings = ServerSettings(api_key="sk-secret-123", batch_size=8)
+    assert "sk-secret" not in repr(settings) and "batch_size=8" in repr(settings)
