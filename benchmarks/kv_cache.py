@@ -2,6 +2,7 @@
 steps, which CUDA replays as graphs), on random models.
 
     python benchmarks/kv_cache.py --sizes tiny small --repeats 3
+    python benchmarks/kv_cache.py --device cuda --sizes 3b --profile-dir prof   # + where a run's time goes
 
 Same forced rationale schedule as benchmarks/run.py (random weights never emit <emb>); checks that both
 caches generate the same tokens, and prints queries/s, the median decode step and the ratio.
@@ -40,6 +41,32 @@ def timed_run(encoder, tokenized, schedule, batch_size: int, budget: int):
     return result.generated, time.perf_counter() - start, statistics.median(steps)
 
 
+def profiled_run(encoder, tokenized, schedule, batch_size: int, budget: int, table: Path) -> str:
+    """One untimed run (no per-step syncs) under torch.profiler: the kernels' busy time against the wall
+    clock, per step, as a line; the operators by their own device (or CPU) time in ``table``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = forced_decoder(encoder, max_new_tokens=budget, batch_size=batch_size, schedule=schedule)
+    cuda = encoder.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(encoder.device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        decoder.run(tokenized)
+        sync(encoder.device)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table.write_text(events.table(sort_by=sort, row_limit=40, max_name_column_width=70))
+    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(event.device_time_total for event in kernels) / 1e6 if cuda else float("nan")
+    steps = budget  # the forced schedule's longest rationale sets the number of decode steps
+    return (
+        f"wall {1e3 * wall:.1f} ms, kernels busy {1e3 * busy:.1f} ms ({busy / wall:.0%}); "
+        f"per decode step at most {1e3 * wall / steps:.2f} ms wall, {1e3 * busy / steps:.2f} ms kernels"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
@@ -51,6 +78,8 @@ def main() -> None:
     parser.add_argument("--kv-cache", nargs="+", choices=("dynamic", "preallocated", "static"),
                         default=["dynamic", "preallocated", "static"], help="the caches to compare (the first is "
                         "the one the others' tokens are checked against)")  # fmt: skip
+    parser.add_argument("--profile-dir", type=Path, help="also profile one run of each cache: a line each "
+                        "here, the top operators in this folder")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -73,6 +102,11 @@ def main() -> None:
                 same = results[name] == results[args.kv_cache[0]]
                 print(f"{size:<6} {workload:<8} {name:<12} {args.queries / seconds:>10.1f} {1e3 * step:>8.2f} "
                       f"{'yes' if same else 'NO':>12}")  # fmt: skip
+                if args.profile_dir:
+                    args.profile_dir.mkdir(parents=True, exist_ok=True)
+                    table = args.profile_dir / f"{size}-{workload}-{name}.txt"
+                    line = profiled_run(encoder, tokenized, schedule, args.batch_size, args.budget, table)
+                    print(f"  profile: {line}")
 
 
 if __name__ == "__main__":

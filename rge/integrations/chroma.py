@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import require_extra
+from ..types import PromptName
 from ._shared import VECTOR_SETTINGS, saved_config, shared_encoder, side_prompts
 
 require_extra("chromadb", extra="chroma", needed_by=__name__)
@@ -44,7 +45,7 @@ class RGEEmbeddingFunction(EmbeddingFunction[Embeddable]):  # type: ignore[misc]
         *,
         model_name: str | None = None,
         batch_size: int = 16,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         query_prompt: str | None = None,
         document_prompt: str | None = None,
         **load_kwargs: Any,

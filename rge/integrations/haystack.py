@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import require_extra
+from ..types import PromptName
 from ._shared import saved_config, shared_encoder, side_prompts
 
 require_extra("haystack", extra="haystack", needed_by=__name__)
@@ -65,7 +66,7 @@ class RGETextEmbedder(_RGEComponent):
         encoder: RGEEncoder | None = None,
         *,
         model_name: str | None = None,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         query_prompt: str | None = None,
         **load_kwargs: Any,
     ) -> None:
@@ -109,7 +110,7 @@ class RGEDocumentEmbedder(_RGEComponent):
         *,
         model_name: str | None = None,
         batch_size: int = 16,
-        prompt_name: str | None = None,
+        prompt_name: PromptName | None = None,
         document_prompt: str | None = None,
         meta_fields_to_embed: list[str] | None = None,
         embedding_separator: str = "\n",

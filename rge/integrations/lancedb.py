@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import require_extra
+from ..types import PromptName
 from ._shared import saved_config, shared_encoder, side_prompts
 
 require_extra("lancedb", extra="lancedb", needed_by=__name__)
@@ -42,7 +43,7 @@ class RGEEmbeddingFunction(EmbeddingFunction):  # type: ignore[misc]
 
     model_name: str
     batch_size: int = 16
-    prompt_name: str | None = None
+    prompt_name: PromptName | None = None
     query_prompt: str | None = None
     document_prompt: str | None = None
     image_uris: bool = False
