@@ -55,6 +55,17 @@ class InputPipeline:
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its workers and lock (a worker process, such as sentence-transformers' pool, makes its
+        own when first needed)."""
+        state = dict(self.__dict__)
+        del state["_executor"], state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._executor, self._lock = None, threading.Lock()
+
     @property
     def executor(self) -> Executor:
         """The pool of workers (started when first used)."""
@@ -133,9 +144,10 @@ class InputPipeline:
 
 
 def _pinned(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Patches in the model's dtype, in page-locked memory (copied to the GPU without blocking the host)."""
+    """Patches in the model's dtype, in page-locked memory (copied to the GPU without blocking the host); a
+    partial, not a closure, so that the pipeline pickles."""
+    return functools.partial(_pin, dtype=dtype)
 
-    def convert(patches: torch.Tensor) -> torch.Tensor:
-        return patches.to(dtype).pin_memory()
 
-    return convert
+def _pin(patches: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return patches.to(dtype).pin_memory()

@@ -28,6 +28,10 @@ class SlotCachePool:
         self._idle: SlotCache | None = None
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[type[SlotCachePool], tuple[()]]:
+        """Pickled as a new, empty pool: a cache and its graphs belong to the process that made them."""
+        return type(self), ()
+
     def take(
         self,
         model: Any,

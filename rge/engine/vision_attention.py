@@ -11,7 +11,6 @@ kernel, so the outputs are the same (``tests/test_vision_attention.py``).
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -19,39 +18,45 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
 
 def batch_windows(model: Any) -> int:
-    """Make every vision attention module of ``model`` stack equal windows (unless it runs flash-attention,
-    which needs no loop); returns how many modules were changed."""
+    """Make every vision attention module of ``model`` a ``WindowBatchedVisionAttention`` (unless it runs
+    flash-attention, which needs no loop); returns how many modules are."""
     if "flash" in str(model.config.vision_config._attn_implementation or ""):
         return 0
     modules = [module for module in model.modules() if isinstance(module, qwen.Qwen2_5_VLVisionAttention)]
     for module in modules:
-        module.forward = types.MethodType(_forward, module)  # type: ignore[method-assign]
+        module.__class__ = WindowBatchedVisionAttention
     return len(modules)
 
 
-def _forward(
-    self: Any,
-    hidden_states: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_seqlen: int | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """``Qwen2_5_VLVisionAttention.forward`` (transformers 5.x) with its per-window loop replaced."""
-    length = hidden_states.shape[0]
-    query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings  # type: ignore[misc]
-    query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
-    interfaces, eager = qwen.ALL_ATTENTION_FUNCTIONS, qwen.eager_attention_forward
-    attention = interfaces.get_interface(self.config._attn_implementation, eager)
-    starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    output = query.new_empty((length, self.num_heads, query.shape[-1]))
-    for window in sorted(set(lengths)):
-        first = torch.tensor([start for start, size in zip(starts, lengths) if size == window], device=query.device)
-        rows = (first[:, None] + torch.arange(window, device=query.device)).flatten()
-        stacked = [t[rows].view(-1, window, self.num_heads, t.shape[-1]).transpose(1, 2) for t in (query, key, value)]
-        out, _ = attention(self, *stacked, attention_mask=None, scaling=self.scaling,
-                           dropout=0.0 if not self.training else self.attention_dropout, is_causal=False,
-                           **kwargs)  # fmt: skip
-        output[rows] = out.reshape(-1, self.num_heads, out.shape[-1])
-    return self.proj(output.reshape(length, -1).contiguous())  # type: ignore[no-any-return]
+class WindowBatchedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL's vision attention stacking equal windows; a class rather than a patched ``forward`` so that
+    the model pickles (sentence-transformers' worker processes receive it pickled)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``Qwen2_5_VLVisionAttention.forward`` (transformers 5.x) with its per-window loop replaced."""
+        length = hidden_states.shape[0]
+        query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings  # type: ignore[misc]
+        query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
+        interfaces, eager = qwen.ALL_ATTENTION_FUNCTIONS, qwen.eager_attention_forward
+        attention = interfaces.get_interface(self.config._attn_implementation, eager)
+        starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        output = query.new_empty((length, self.num_heads, query.shape[-1]))
+        for window in sorted(set(lengths)):
+            first = torch.tensor([start for start, size in zip(starts, lengths) if size == window], device=query.device)
+            rows = (first[:, None] + torch.arange(window, device=query.device)).flatten()
+            stacked = [
+                t[rows].view(-1, window, self.num_heads, t.shape[-1]).transpose(1, 2) for t in (query, key, value)
+            ]
+            out, _ = attention(self, *stacked, attention_mask=None, scaling=self.scaling,
+                               dropout=0.0 if not self.training else self.attention_dropout, is_causal=False,
+                               **kwargs)  # fmt: skip
+            output[rows] = out.reshape(-1, self.num_heads, out.shape[-1])
+        return self.proj(output.reshape(length, -1).contiguous())  # type: ignore[no-any-return]
