@@ -6,7 +6,9 @@
 
 The model is one custom input module, ``RGEInputModule``, that hands each batch to the encoder: the
 ``task`` sentence-transformers passes (``"query"`` from ``encode_query``, ``"document"`` from
-``encode_document``) picks the path. Inputs: text, images (PIL, arrays, tensors; a str that is an
+``encode_document``, or ``encode(..., task="query")``) picks the path; without one, the prompt named
+``"query"`` does (``encode(..., prompt_name="query")``, or ``default_prompt_name="query"``), so libraries
+that only call ``encode`` can embed queries. Inputs: text, images (PIL, arrays, tensors; a str that is an
 ``http(s)`` URL or an existing image file's path is that image), ``{"text": ..., "image": ...}`` dicts and
 chat messages.
 Embeddings come back L2-normalised, so dot product and cosine agree.
@@ -38,6 +40,10 @@ TASK_MARKER = "rge-task:"
 """``prompts[task]`` for a bare task name (``"vqa"``) is this marker and the name: sentence-transformers looks
 a ``prompt_name`` up before it knows the side, so the module picks the side's prompt when the task arrives."""
 
+SIDE_MARKER = "rge-side:"
+"""``prompts["query"]`` and ``prompts["document"]`` are this marker and the side: a call without a ``task`` takes
+the side its prompt names (no instruction is added)."""
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
@@ -51,7 +57,6 @@ class RGEInputModule(InputModule):  # type: ignore[misc]
 
     config_keys = ["model_name_or_path", "revision", "max_new_tokens", "min_pixels", "max_pixels", "max_length",
                    "dtype", "repetition_penalty"]  # fmt: skip
-    forward_kwargs = {"task"}
 
     def __init__(
         self, encoder: RGEEncoder | None = None, model_name_or_path: str | None = None, **load_kwargs: Any
@@ -76,18 +81,23 @@ class RGEInputModule(InputModule):  # type: ignore[misc]
     def preprocess(
         self, inputs: Sequence[Any], prompt: str | None = None, task: str | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        """Nothing to tokenize here: the encoder prepares each batch itself."""
-        if prompt and prompt.startswith(TASK_MARKER):
-            prompt = resolve_prompt(None, prompt.removeprefix(TASK_MARKER), reason=task == "query")
-        return {"rge_items": [_item(value, prompt) for value in inputs]}
+        """Nothing to tokenize here: the encoder prepares each batch itself. The side is the ``task`` given, else
+        the one a side prompt names (``prompt_name="query"``), else documents."""
+        side = prompt.removeprefix(SIDE_MARKER) if prompt and prompt.startswith(SIDE_MARKER) else None
+        reason = task == "query" if task is not None else side == "query"
+        if side is not None:
+            prompt = None
+        elif prompt and prompt.startswith(TASK_MARKER):
+            prompt = resolve_prompt(None, prompt.removeprefix(TASK_MARKER), reason=reason)
+        return {"rge_items": [_item(value, prompt) for value in inputs], "rge_reason": reason}
 
-    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """The raw ``<emb>`` states: sentence-transformers normalises them when asked
         (``normalize_embeddings=True``), and cosine similarity does not need it."""
         items = features["rge_items"]
         vectors = self.encoder.encode(
             items,
-            reason=task == "query",
+            reason=features["rge_reason"],
             batch_size=max(1, len(items)),
             normalize=False,
             convert_to_tensor=True,
@@ -141,8 +151,10 @@ class _NoTokenEmbeddings:
 def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTransformer:
     """Wrap ``encoder`` in a ``SentenceTransformer`` (cosine similarity); ``kwargs`` go to its constructor.
 
-    Its ``prompts`` are rge's task prompts, unless given: by task (``encode_query(..., prompt_name="vqa")``,
-    the side's prompt) or by full name (``"vqa_query"``).
+    Its ``prompts`` are rge's task prompts and the two sides, unless given: by task
+    (``encode_query(..., prompt_name="vqa")``, the side's prompt), by full name (``"vqa_query"``), or a side
+    (``encode(..., prompt_name="query")`` reasons). ``default_prompt_name="query"`` makes a plain ``encode``
+    reason, and is saved with the model.
     """
     kwargs.setdefault("similarity_fn_name", "cosine")
     kwargs.setdefault("prompts", task_prompts())
@@ -151,9 +163,11 @@ def to_sentence_transformer(encoder: RGEEncoder, **kwargs: Any) -> SentenceTrans
 
 
 def task_prompts() -> dict[str, str]:
-    """rge's task prompts by full name (``"vqa_query"``), and by task (``"vqa"``: the side's, chosen per call)."""
+    """rge's task prompts by full name (``"vqa_query"``), by task (``"vqa"``: the side's, chosen per call), and the
+    sides (``"query"``, ``"document"``: the path alone)."""
     tasks = sorted({name.rsplit("_", 1)[0] for name in TASK_PROMPTS})
-    return {**TASK_PROMPTS, **{task: TASK_MARKER + task for task in tasks}}
+    sides = {side: SIDE_MARKER + side for side in ("query", "document")}
+    return {**TASK_PROMPTS, **{task: TASK_MARKER + task for task in tasks}, **sides}
 
 
 def _item(value: Any, prompt: str | None) -> dict[str, Any]:

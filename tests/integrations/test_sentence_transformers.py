@@ -1,4 +1,5 @@
-"""The sentence-transformers model in sentence-transformers' own machinery: a pool of worker processes."""
+"""The sentence-transformers model in sentence-transformers' own machinery: a pool of worker processes, and the
+query path reached by plain ``encode`` calls (the only call Chroma's and LanceDB's functions make)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,39 @@ def test_a_pool_of_processes_gives_the_vectors_of_one_process(tiny_path):
         waiter.shutdown()
     assert not np.allclose(expected["encode_query"], expected["encode_document"], atol=1e-3)
 
+
+def test_plain_encode_takes_the_query_path_when_told(encoder, tmp_path):
+    """``encode`` with ``prompt_name="query"`` or ``task="query"``, or a model whose default prompt is "query",
+    reasons; without them, and in ``encode_document``, it does not."""
+    from sentence_transformers import SentenceTransformer
+
+    queries, documents = encoder.encode_query(QUERIES), encoder.encode_document(QUERIES)
+    model = to_sentence_transformer(encoder)
+    unit = {"normalize_embeddings": True}
+    assert_same_vectors(model.encode(QUERIES, prompt_name="query", **unit), queries)
+    assert_same_vectors(model.encode(QUERIES, task="query", **unit), queries)
+    assert_same_vectors(model.encode(QUERIES, **unit), documents)
+    assert_same_vectors(model.encode(QUERIES, prompt_name="document", **unit), documents)
+    assert not np.allclose(queries, documents, atol=1e-3)
+    to_sentence_transformer(encoder, default_prompt_name="query").save(str(tmp_path / "query-st"))
+    reloaded = SentenceTransformer(str(tmp_path / "query-st"), trust_remote_code=True, device="cpu")
+    assert reloaded.default_prompt_name == "query"
+    assert_same_vectors(reloaded.encode(QUERIES, **unit), queries)
+    assert_same_vectors(reloaded.encode_document(QUERIES, **unit), documents)
+
+
+def test_chroma_and_lancedb_sentence_transformer_functions_reason_with_the_query_prompt(encoder, tmp_path):
+    """The stores' own sentence-transformers functions, on a saved folder, offline: Chroma's passes
+    ``default_prompt_name`` to the model (and keeps it in its configuration); LanceDB's reads it from the folder."""
+    from chromadb.utils.embedding_functions import SentenceTransformerEmbeddingFunction
+    from lancedb.embeddings import get_registry
+
+    queries = encoder.encode_query(QUERIES)
+    to_sentence_transformer(encoder).save(str(tmp_path / "st"))
+    chroma = SentenceTransformerEmbeddingFunction(model_name=str(tmp_path / "st"), device="cpu",
+                                                  trust_remote_code=True, default_prompt_name="query")  # fmt: skip
+    assert_same_vectors(chroma.embed_query(QUERIES), queries)
+    assert chroma.get_config()["kwargs"]["default_prompt_name"] == "query"  # a stored collection keeps it
+    to_sentence_transformer(encoder, default_prompt_name="query").save(str(tmp_path / "query-st"))
+    lance = get_registry().get("sentence-transformers").create(name=str(tmp_path / "query-st"))
+    assert_same_vectors(lance.compute_query_embeddings(QUERIES[0]), queries[0])
