@@ -26,6 +26,9 @@ def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=positive_int, default=8000, help="port to bind")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $RGE_API_KEY if set)")
     serve.add_argument("--served-model-name", action="append", help="name(s) clients use (default: --model)")
+    serve.add_argument("--query-model-suffix", default=default.query_model_suffix,
+                       help="each served name with this suffix is served too, for queries (for clients that cannot "
+                       "send input_type); '' for none")  # fmt: skip
     serve.add_argument("--max-queued-items", type=positive_int, default=default.max_queued_items,
                        help="items accepted and unfinished over all requests; beyond it: 429")  # fmt: skip
     serve.add_argument("--max-length", type=positive_int,
@@ -78,6 +81,7 @@ def server_settings(args: argparse.Namespace) -> Any:
     try:
         return ServerSettings(
             model_names=tuple(args.served_model_name or [args.model]),
+            query_model_suffix=args.query_model_suffix,
             api_key=args.api_key or os.environ.get("RGE_API_KEY") or None,
             batch_size=args.batch_size,
             batch_wait=args.batch_wait_ms / 1000,

@@ -163,7 +163,7 @@ def create_app(
     async def models(request: Request) -> JSONResponse:
         _authorize(request, settings)
         data = [{"id": name, "object": "model", "created": state.created, "owned_by": "rge", **settings.extra}
-                for name in settings.model_names]  # fmt: skip
+                for name in settings.served_names]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/metrics")
@@ -242,8 +242,8 @@ def _unavailable(message: str, settings: ServerSettings) -> APIError:
 
 def _check(parsed: EmbeddingRequest, state: ServerState) -> EmbeddingRequest:
     settings, dimension = state.settings, state.encoder.embedding_dim
-    if parsed.model is not None and parsed.model not in settings.model_names:
-        served = ", ".join(map(show, settings.model_names))
+    if parsed.model is not None and parsed.model not in settings.served_names:
+        served = ", ".join(map(show, settings.served_names))
         message = f"the model {show(parsed.model)} does not exist; this server serves {served}"
         raise APIError(404, message, param="model", code="model_not_found")
     if parsed.dimensions is not None and parsed.dimensions != dimension:

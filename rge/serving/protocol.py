@@ -95,7 +95,7 @@ def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest
         raise invalid("'input' is required")
     model = _optional(payload, "model", str)
     encoding_format = _choice(payload, "encoding_format", ENCODING_FORMATS, "float")
-    input_type = _choice(payload, "input_type", INPUT_TYPES, "document")
+    input_type = _input_type(payload, model, settings)
     return_rationales = _optional(payload, "return_rationales", bool) or False
     dimensions = _optional(payload, "dimensions", int)
     _optional(payload, "user", str)
@@ -105,6 +105,18 @@ def parse_request(payload: object, settings: ServerSettings) -> EmbeddingRequest
     items = parse_input(payload["input"], settings.max_items_per_request)
     return EmbeddingRequest(model, items, encoding_format, input_type, return_rationales, dimensions, prompt_name,
                             prompt)  # fmt: skip
+
+
+def _input_type(payload: dict[str, Any], model: str | None, settings: ServerSettings) -> str:
+    """``input_type`` as sent; by default "query" for a query model name, else "document"."""
+    if model is None or model not in settings.query_model_names:
+        return _choice(payload, "input_type", INPUT_TYPES, "document")
+    input_type = _choice(payload, "input_type", INPUT_TYPES, "query")
+    if input_type != "query":
+        documents = show(model.removesuffix(settings.query_model_suffix))
+        raise invalid(f"the model {show(model)} embeds queries; send 'input_type' \"query\" or none, or name "
+                      f"the model {documents} for documents", param="input_type")  # fmt: skip
+    return input_type
 
 
 def parse_input(value: object, max_items: int) -> list[RequestItem]:

@@ -25,6 +25,9 @@ class ServerSettings:
 
     model_names: tuple[str, ...] = ("rge",)
     """Names the server answers to; requests naming another model get 404 (the first one is reported)."""
+    query_model_suffix: str = "-query"
+    """Each model name with this suffix is served too, for queries (``"rge-query"``: ``input_type`` defaults to
+    ``"query"``), for clients that cannot add fields to a request; ``""``: no such names."""
     api_key: str | None = field(default=None, repr=False)
     """When set, every route but ``/health`` needs ``Authorization: Bearer <api_key>`` (left out of the repr, so
     printed or logged settings do not show it)."""
@@ -82,6 +85,10 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not self.model_names:
             raise ValueError("a server needs at least one model name")
+        taken = set(self.model_names) & set(self.query_model_names)
+        if taken:
+            raise ValueError(f"{', '.join(sorted(taken))} would name both a model and the query name of another; "
+                             "choose another query model suffix")  # fmt: skip
         for name in ("batch_size", "max_queued_items", "max_items_per_request", "max_body_bytes",
                      "max_image_pixels", "max_request_pixels", "image_fetch_max_bytes", "max_concurrent_fetches",
                      "input_workers"):  # fmt: skip
@@ -96,6 +103,16 @@ class ServerSettings:
             raise ValueError("batch_wait must be >= 0")
         self.default_prompt(True)
         self.default_prompt(False)
+
+    @property
+    def query_model_names(self) -> tuple[str, ...]:
+        """The names whose requests are queries: each model name with ``query_model_suffix``."""
+        return tuple(name + self.query_model_suffix for name in self.model_names) if self.query_model_suffix else ()
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """Every name a request may give as its ``model`` (``/v1/models`` lists them)."""
+        return self.model_names + self.query_model_names
 
     def model_threads(self, device_type: str) -> int | None:
         """The torch threads to set for a model on ``device_type`` (None: leave torch's setting)."""

@@ -66,7 +66,7 @@ def test_float_and_base64_encodings_carry_the_same_vector(server, encoder):
 
 def test_models_health_and_metrics(server, client):
     url, _ = server
-    assert [model.id for model in client.models.list()] == [MODEL]
+    assert [model.id for model in client.models.list()] == [MODEL, f"{MODEL}-query"]
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     client.embeddings.create(model=MODEL, input=QUERIES, extra_body={"input_type": "query"})
     metrics = httpx.get(f"{url}/metrics").text
@@ -101,6 +101,7 @@ BAD_REQUESTS = [
     ({"input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be one of", "encoding_format"),
     ({"input": "a", "dimensions": 8}, 400, "'dimensions' must be 64", "dimensions"),
     ({"input": "a", "model": "text-embedding-3-small"}, 404, "does not exist", "model"),
+    ({"input": "a", "model": f"{MODEL}-query", "input_type": "document"}, 400, "embeds queries", "input_type"),
     ({"input": ["x"] * 300}, 400, "at most 256 per request", "input"),
 ]
 

@@ -25,7 +25,8 @@ def test_serve_answers_the_openai_client_then_stops_on_ctrl_c(tiny_path, encoder
     env = {**os.environ, "RGE_API_KEY": "k3y", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(serve_command("--model", str(tiny_path), "--port", str(port), "--max-new-tokens",
                                              str(BUDGET), "--min-pixels", str(28 * 28 * 4), "--max-pixels",
-                                             str(28 * 28 * 16), "--served-model-name", "tiny"),
+                                             str(28 * 28 * 16), "--served-model-name", "tiny",
+                                             "--query-model-suffix", ":query"),
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
@@ -33,6 +34,8 @@ def test_serve_answers_the_openai_client_then_stops_on_ctrl_c(tiny_path, encoder
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k3y", max_retries=0)
         got = client.embeddings.create(model="tiny", input="a cat", extra_body={"input_type": "query"})
         assert cosine(encoder.encode_query("a cat"), got.data[0].embedding) >= 0.9999
+        by_name = client.embeddings.create(model="tiny:query", input="a cat")  # the query model name reasons
+        assert cosine(encoder.encode_query("a cat"), by_name.data[0].embedding) >= 0.9999
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key from RGE_API_KEY applies
     finally:
         process.send_signal(signal.SIGINT)
