@@ -72,3 +72,25 @@ def test_chroma_and_lancedb_sentence_transformer_functions_reason_with_the_query
     to_sentence_transformer(encoder, default_prompt_name="query").save(str(tmp_path / "query-st"))
     lance = get_registry().get("sentence-transformers").create(name=str(tmp_path / "query-st"))
     assert_same_vectors(lance.compute_query_embeddings(QUERIES[0]), queries[0])
+
+
+def test_haystack_sentence_transformer_embedders_reason_with_the_query_prompt(encoder, tmp_path):
+    """Haystack's own sentence-transformers embedders on a saved folder: ``encode_kwargs`` with the ``query``
+    prompt name makes the text embedder reason; the document embedder stays on the document path."""
+    from haystack import Document
+    from haystack_integrations.components.embedders.sentence_transformers import (
+        SentenceTransformersDocumentEmbedder,
+        SentenceTransformersTextEmbedder,
+    )
+
+    to_sentence_transformer(encoder).save(str(tmp_path / "st"))
+    options = {"model": str(tmp_path / "st"), "trust_remote_code": True, "local_files_only": True,
+               "progress_bar": False, "normalize_embeddings": True}  # fmt: skip
+    texts = SentenceTransformersTextEmbedder(**options, encode_kwargs={"prompt_name": "query"})
+    texts.warm_up()
+    embedded = [texts.run(text=query)["embedding"] for query in QUERIES]
+    assert_same_vectors(np.array(embedded), encoder.encode_query(QUERIES))
+    documents = SentenceTransformersDocumentEmbedder(**options)
+    documents.warm_up()
+    stored = documents.run(documents=[Document(content=text) for text in QUERIES])["documents"]
+    assert_same_vectors(np.array([document.embedding for document in stored]), encoder.encode_document(QUERIES))
