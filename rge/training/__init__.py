@@ -3,7 +3,8 @@
 The pieces for people who want their own loop: ``read_training_data`` (rows in rge's or MMEB-train's
 layout), ``epoch_plan`` (task-homogeneous batches), ``build_step_batch`` (self-generated rationales and
 the three lists of sequences), ``backward_step`` (the joint loss's backward, GradCache below the batch
-size), and the losses themselves (exact across DDP processes).
+size), and the losses themselves (exact across DDP processes). ``training_precision`` says how the
+passes compute for a ``--dtype`` and device.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .collation import TrainingSequence, candidate_sequence, collate_training, q
 from .config import TrainingConfig
 from .data import Side, TrainingDataError, TrainingExample, read_training_data
 from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
+from .precision import Precision, training_precision
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 from .trainer import Trainer, TrainingSetupError, train
 
@@ -22,6 +24,7 @@ __all__ = [
     "DataPosition",
     "EmbeddingModule",
     "JointLoss",
+    "Precision",
     "Side",
     "StepBatch",
     "Trainer",
@@ -43,4 +46,5 @@ __all__ = [
     "query_sequence",
     "read_training_data",
     "train",
+    "training_precision",
 ]
