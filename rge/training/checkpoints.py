@@ -108,18 +108,21 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def export_model(model: Any, source: Path, output: Path) -> None:
+def export_model(model: Any, source: Path, output: Path, *, tokenizer: Any = None) -> None:
     """Save ``model`` (a PEFT model is merged first) with ``source``'s tokenizer, processor, chat template
-    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly."""
+    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly.
+    ``tokenizer`` (a base model's with ``<emb>`` added) is saved over the source's tokenizer files."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.to(_saved_dtype(source))
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
-    follow_umask(output)
     for file in source.iterdir():
         if file.is_file() and file.name not in _MODEL_FILES and not file.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(file, output / file.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    follow_umask(output)
 
 
 def _saved_dtype(source: Path) -> torch.dtype:

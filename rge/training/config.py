@@ -23,6 +23,7 @@ class TrainingConfig:
     """A training run. ``batch_size`` is per process: the contrastive batch is ``batch_size`` x processes."""
 
     model: str
+    """An RGE checkpoint, or a base Qwen2.5-VL-Instruct one (``<emb>`` is added: ``base_model.py``)."""
     data: list[str]
     output: str
     image_root: str | None = None

@@ -4,7 +4,7 @@ Each step: this process's share of a global batch (``batches.py``), the rational
 for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
 the optimiser and scheduler steps, a log line, and every ``save_steps`` (and at the last step) a
 resumable checkpoint. At the end the model (LoRA merged) is saved to the output folder as a checkpoint
-``RGEEncoder`` loads.
+``RGEEncoder`` loads; a base Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ..encoder import RGEEncoder
 from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device
+from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
 from .checkpoints import TrainingState, export_model, read_state, restore_checkpoint, save_checkpoint, trainable
 from .config import TrainingConfig
@@ -49,6 +50,8 @@ class Trainer:
         self.config = config
         self.examples = list(examples) if examples is not None else None
         self.encoder: RGEEncoder | None = None
+        self.emb_added = False
+        """Whether the model was a base Qwen2.5-VL one that ``<emb>`` was added to."""
         self.precision: Precision | None = None
         self.scaler: torch.amp.GradScaler | None = None
         """The gradient scaler: enabled for float16 (on CUDA), a pass-through otherwise."""
@@ -78,7 +81,8 @@ class Trainer:
             if rank() == 0:
                 if config.gradient_checkpointing:
                     _checkpointing(encoder.model, enable=False)
-                export_model(peft_model or encoder.model, encoder.checkpoint.path, output)
+                tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
+                export_model(peft_model or encoder.model, encoder.checkpoint.path, output, tokenizer=tokenizer)
                 report_skipped(output)
             barrier()  # every process leaves together: a rank tearing gloo down alone can leave its peer hanging
             return output
@@ -101,10 +105,9 @@ class Trainer:
 
     def _load_model(self, device: torch.device) -> tuple[RGEEncoder, Any]:
         config = self.config
-        encoder = RGEEncoder.from_pretrained(
-            config.model, device=device, dtype=torch.float32, min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels, max_new_tokens=config.max_new_tokens,
-            repetition_penalty=config.repetition_penalty,
+        encoder, self.emb_added = load_training_encoder(
+            config.model, device=device, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+            max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
         )  # fmt: skip
         model, peft_model = encoder.model, None
         if config.lora:
