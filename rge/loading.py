@@ -248,6 +248,15 @@ def token_id(tokenizer: Any, token: str, path: Path) -> int:
     return int(found)
 
 
+def load_tokenizer(path: Path) -> Any:
+    """The tokenizer of a resolved checkpoint directory (RGECheckpointError when it has no config.json)."""
+    from transformers import AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise RGECheckpointError(f"no config.json in {path}")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -256,13 +265,17 @@ def load_checkpoint(
     attn_implementation: str,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    tokenizer: Any = None,
 ) -> LoadedCheckpoint:
-    """Load a resolved checkpoint directory onto ``device`` in ``dtype``, ready for inference."""
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    """Load a resolved checkpoint directory onto ``device`` in ``dtype``, ready for inference.
+
+    ``tokenizer`` replaces the checkpoint's own (training gives a base model's with ``<emb>`` added).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     if not (path / "config.json").is_file():
         raise RGECheckpointError(f"no config.json in {path}")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(path) if tokenizer is None else tokenizer
     emb_token_id = token_id(tokenizer, EMB_TOKEN, path)
     image_pad_id = token_id(tokenizer, IMAGE_PAD_TOKEN, path)
     template = PromptTemplate.from_chat_template(tokenizer, load_chat_template(path, tokenizer))

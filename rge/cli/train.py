@@ -1,4 +1,5 @@
-"""``rge train``: fine-tune an RGE checkpoint with the paper's joint objective (``rge.training``)."""
+"""``rge train``: fine-tune an RGE checkpoint (or a base Qwen2.5-VL-Instruct one, which gets ``<emb>``) with
+the paper's joint objective (``rge.training``)."""
 
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--no-dora", action="store_true", help="plain LoRA (default: DoRA, as the authors train)")
     train.add_argument("--lora-target-modules", nargs="+", help="module name suffixes (default: the authors')")
     train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--save-steps", type=int, default=0, help="resumable checkpoint every N steps (0: none)")
+    train.add_argument("--save-steps", type=int, default=0,
+                       help="resumable checkpoint every N steps and at the last (0: none)")  # fmt: skip
     train.add_argument("--logging-steps", type=positive_int, default=1)
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    train.add_argument("--overwrite-output-dir", action="store_true",
+                       help="start afresh in an --output an earlier run trained into")  # fmt: skip
     train.add_argument("--no-tensorboard", action="store_true", help="log to log.jsonl only")
 
 
@@ -80,6 +84,7 @@ def training_config(args: argparse.Namespace) -> Any:
             mix_tasks=args.mix_tasks, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, dora=not args.no_dora, gradient_checkpointing=args.gradient_checkpointing,
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
+            overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard, **extra,
         )  # fmt: skip

@@ -9,6 +9,9 @@ last row); RMSNorm weights and biases that are not trivial; and the base model's
 almost never emit ``<emb>``, so ``<emb>``'s output row is made to win wherever one chosen ordinary token
 would: rationales then end at different steps for different inputs, some never before the budget.
 
+``with_emb_token=False`` builds the base model instead, as Qwen2.5-VL-Instruct is published: the same
+files and padded vocabulary without ``<emb>`` (what ``rge train`` starts from when it adds ``<emb>``).
+
 >>> from rge.testing import build_tiny_checkpoint
 >>> path = build_tiny_checkpoint("/tmp/tiny-rge")          # doctest: +SKIP
 >>> encoder = RGEEncoder.from_pretrained(path)              # doctest: +SKIP
@@ -68,6 +71,7 @@ def build_tiny_checkpoint(
     intermediate_size: int = 128,
     vision_depth: int = 2,
     with_emb_token: bool = True,
+    tie_word_embeddings: bool = True,
     emb_budget: int = 32,
     decoding: dict[str, Any] | None = BASE_MODEL_DECODING,
 ) -> Path:
@@ -78,7 +82,8 @@ def build_tiny_checkpoint(
     or ``"transformers5"`` (``save_pretrained`` of 5.x, ``processor_config.json``, ``chat_template.jinja``).
     ``decoding`` goes into ``generation_config.json`` with the token ids (``None``: no such file).
     ``emb_budget`` is the decoding budget the ``<emb>`` trigger is tuned for. ``with_emb_token=False``
-    builds a plain Qwen2.5-VL checkpoint, which rge must refuse.
+    builds a plain Qwen2.5-VL-Instruct checkpoint (no ``<emb>``), which the encoder refuses and ``rge train``
+    starts from. ``tie_word_embeddings=False`` stores a separate output head, as the 7B model does.
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -124,7 +129,7 @@ def build_tiny_checkpoint(
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()

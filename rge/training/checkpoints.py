@@ -1,9 +1,9 @@
 """Resumable training checkpoints, and the final model as a checkpoint ``RGEEncoder`` loads.
 
 ``OUTPUT/checkpoint-STEP/`` holds the trainable weights (every weight in full fine-tuning, the adapter
-in LoRA), the optimiser and scheduler states, each process's RNG states, and ``state.json`` (step, data
-position, settings). A checkpoint is written under a temporary name and renamed when complete, so a
-crash while saving leaves the previous one as the latest.
+in LoRA), the optimiser and scheduler states (and the float16 gradient scaler's), each process's RNG
+states, and ``state.json`` (step, data position, settings). A checkpoint is written under a temporary
+name and renamed when complete, so a crash while saving leaves the previous one as the latest.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .distributed import barrier, rank
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
+SCALER_FILE = "scaler.pt"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 _MODEL_FILES = ("config.json", "model.safetensors.index.json")
 
@@ -47,7 +48,9 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
 
 
-def save_checkpoint(output: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainingState) -> Path:
+def save_checkpoint(
+    output: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainingState, scaler: Any = None
+) -> Path:
     """Write ``checkpoint-STEP`` (every process calls this: each writes its RNG states)."""
     final = checkpoint_dir(output, state.step)
     partial = final.with_name(final.name + ".partial")
@@ -61,6 +64,8 @@ def save_checkpoint(output: Path, model: torch.nn.Module, optimizer: Any, schedu
         follow_umask(partial / WEIGHTS_FILE)
         torch.save(optimizer.state_dict(), partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        if scaler is not None and scaler.is_enabled():
+            torch.save(scaler.state_dict(), partial / SCALER_FILE)
     barrier()
     if rank() == 0:
         position = {"epoch": state.position.epoch, "batch": state.position.batch}
@@ -77,8 +82,9 @@ def read_state(path: Path) -> TrainingState:
     return TrainingState(saved["step"], DataPosition(saved["epoch"], saved["batch"]), saved["settings"])
 
 
-def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Put what ``save_checkpoint`` wrote back into ``model``, ``optimizer``, ``scheduler`` and the RNGs."""
+def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any = None) -> None:
+    """Put what ``save_checkpoint`` wrote back into ``model``, ``optimizer``, ``scheduler``, ``scaler`` (when
+    the checkpoint has its state) and the RNGs."""
     weights = load_file(path / WEIGHTS_FILE)
     parameters = trainable(model)
     if set(weights) != set(parameters):
@@ -90,6 +96,8 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, sched
     device = next(iter(parameters.values())).device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if scaler is not None and scaler.is_enabled() and (path / SCALER_FILE).is_file():
+        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
     rng_file = path / f"rng-{rank()}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
@@ -100,18 +108,21 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def export_model(model: Any, source: Path, output: Path) -> None:
+def export_model(model: Any, source: Path, output: Path, *, tokenizer: Any = None) -> None:
     """Save ``model`` (a PEFT model is merged first) with ``source``'s tokenizer, processor, chat template
-    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly."""
+    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly.
+    ``tokenizer`` (a base model's with ``<emb>`` added) is saved over the source's tokenizer files."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.to(_saved_dtype(source))
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)
-    follow_umask(output)
     for file in source.iterdir():
         if file.is_file() and file.name not in _MODEL_FILES and not file.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(file, output / file.name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output)
+    follow_umask(output)
 
 
 def _saved_dtype(source: Path) -> torch.dtype:

@@ -23,6 +23,7 @@ class TrainingConfig:
     """A training run. ``batch_size`` is per process: the contrastive batch is ``batch_size`` x processes."""
 
     model: str
+    """An RGE checkpoint, or a base Qwen2.5-VL-Instruct one (``<emb>`` is added: ``base_model.py``)."""
     data: list[str]
     output: str
     image_root: str | None = None
@@ -53,13 +54,16 @@ class TrainingConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     gradient_checkpointing: bool = False
     save_steps: int = 0
-    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    """Write a resumable checkpoint every this many steps and at the last step (0: none)."""
     logging_steps: int = 1
     resume: bool = False
+    """Continue from the latest checkpoint in ``output``."""
+    overwrite_output_dir: bool = False
+    """Start afresh in an ``output`` an earlier run trained into (its checkpoints and log are removed)."""
     device: str | None = None
     dtype: str | None = None
-    """Precision of the forward passes: bfloat16 autocast on CUDA by default, float32 on CPU. The weights
-    and the optimiser state stay float32."""
+    """Precision of the forward passes: bfloat16 autocast on CUDA by default, float32 on CPU; bfloat16 on
+    CPU too, float16 on CUDA only (with a gradient scaler). Weights and optimiser state stay float32."""
     min_pixels: int | None = None
     max_pixels: int | None = None
     repetition_penalty: float | None = None
@@ -82,6 +86,7 @@ class TrainingConfig:
         _check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(bool(self.data), "give at least one data file")
+        _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
 
     @property
     def output_dir(self) -> Path:

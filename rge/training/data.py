@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from ..eval.mmeb import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
+
+logger = logging.getLogger("rge.training")
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ def read_training_data(
     error_file: str | Path | None = None,
 ) -> list[TrainingExample]:
     """Every usable row of ``paths`` (JSONL or parquet), in file order; bad rows are written to
-    ``error_file`` (JSONL: file, line, error) when given, and skipped."""
+    ``error_file`` (JSONL: file, line, error) when given, and skipped, with one warning that counts them."""
     examples: list[TrainingExample] = []
     bad: list[BadRow] = []
     for path in map(Path, paths):
@@ -91,6 +94,9 @@ def read_training_data(
                 bad.append(BadRow(str(path), line, str(error)))
     if error_file is not None:
         write_bad_rows(Path(error_file), bad)
+    if bad and examples:
+        listed = f", listed in {error_file}" if error_file is not None else ""
+        logger.warning("%d of %d rows cannot be used and are skipped%s", len(bad), len(bad) + len(examples), listed)
     if not examples:
         where = f" ({len(bad)} bad rows{f', see {error_file}' if error_file else ''})" if bad else ""
         raise TrainingDataError(f"no usable training rows in {', '.join(map(str, paths))}{where}")

@@ -186,12 +186,14 @@ def backward_step(
     lm_weight: float = 1.0,
     micro_batch_size: int | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> JointLoss:
     """Back-propagate the step's joint loss into ``module``'s parameters; returns the loss for logging.
 
     ``collate`` turns sequences into a pass on the model's device. ``micro_batch_size`` (None: the whole
     batch at once) bounds the rows of one forward with a graph; ``no_sync`` (DDP's) defers the gradient
-    all-reduce to the last micro-batch.
+    all-reduce to the last micro-batch. ``backward`` runs each backward through the model (float16 runs
+    pass ``lambda loss: scaler.scale(loss).backward()``).
     """
     device = next(module.parameters()).device
     count = global_count(sum(sequence.labelled for sequence in step.candidates + step.supervision), device)
@@ -200,9 +202,9 @@ def backward_step(
         lm_sum, queries, candidates = _forward_all(module, step, collate)
         lm = lm_sum / count.clamp(min=1)
         loss = joint_loss(_contrastive(queries, candidates, step, temperature), lm, lm_weight)
-        loss.for_backward.backward()
+        backward(loss.for_backward)
         return loss
-    return _cached_backward(module, step, collate, temperature, lm_weight, micro_batch_size, count, no_sync)
+    return _cached_backward(module, step, collate, temperature, lm_weight, micro_batch_size, count, no_sync, backward)
 
 
 def _forward_all(
@@ -228,6 +230,7 @@ def _cached_backward(
     size: int,
     count: torch.Tensor,
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]],
+    backward: Callable[[torch.Tensor], None],
 ) -> JointLoss:
     """GradCache: the same gradient as ``_forward_all`` + backward, with at most ``size`` rows per graph."""
     chunks = [(name, start // size, part[start : start + size]) for name, part in
@@ -256,7 +259,7 @@ def _cached_backward(
             surrogate = world_size() * lm_weight * output.lm_sum / count.clamp(min=1)
             if name in grads:
                 surrogate = surrogate + (output.embeddings * grads[name][part]).sum()
-            surrogate.backward()
+            backward(surrogate)
         lm_total = lm_total + output.lm_sum.detach()
     after.restore()
     return joint_loss(contrastive, lm_total / count.clamp(min=1), lm_weight)

@@ -2,15 +2,16 @@
 
 Each step: this process's share of a global batch (``batches.py``), the rationales the model generates
 for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
-the optimiser and scheduler steps, a log line, and every ``save_steps`` a resumable checkpoint. At the
-end the model (LoRA merged) is saved to the output folder as a checkpoint ``RGEEncoder`` loads.
+the optimiser and scheduler steps, a log line, and every ``save_steps`` (and at the last step) a
+resumable checkpoint. At the end the model (LoRA merged) is saved to the output folder as a checkpoint
+``RGEEncoder`` loads; a base Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -19,27 +20,22 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..encoder import RGEEncoder
 from ..errors import TrainingSetupError, require_extra
-from ..loading import choose_device, choose_dtype
+from ..loading import choose_device
+from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
-from .checkpoints import (
-    TrainingState,
-    export_model,
-    latest_checkpoint,
-    read_state,
-    restore_checkpoint,
-    save_checkpoint,
-    trainable,
-)
+from .checkpoints import TrainingState, export_model, read_state, restore_checkpoint, save_checkpoint, trainable
 from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
+from .outputs import ERROR_FILE, RunLog, check_output, report_skipped
+from .precision import Precision, training_precision
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
-LOG_FILE = "log.jsonl"
-ERROR_FILE = "errors.jsonl"
+logger = logging.getLogger("rge.training")
 
 
 def train(config: TrainingConfig, examples: Sequence[TrainingExample] | None = None) -> Path:
@@ -54,10 +50,16 @@ class Trainer:
         self.config = config
         self.examples = list(examples) if examples is not None else None
         self.encoder: RGEEncoder | None = None
+        self.emb_added = False
+        """Whether the model was a base Qwen2.5-VL one that ``<emb>`` was added to."""
+        self.precision: Precision | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        """The gradient scaler: enabled for float16 (on CUDA), a pass-through otherwise."""
 
     def train(self) -> Path:
         config, output = self.config, self.config.output_dir
         device = _process_device(config.device)
+        self.precision = precision = training_precision(config.dtype, device)
         created = init_from_environment(device)
         try:
             resume_from = self._check_output(output)
@@ -71,6 +73,7 @@ class Trainer:
             steps_per_epoch = len(self._plan(examples, epoch=0))
             total = config.max_steps or config.epochs * steps_per_epoch
             scheduler = _scheduler(config, optimizer, total)
+            self.scaler = precision.scaler()
             state = TrainingState(0, DataPosition(), self._settings())
             if resume_from is not None:
                 state = self._resume(resume_from, module, optimizer, scheduler)
@@ -78,7 +81,9 @@ class Trainer:
             if rank() == 0:
                 if config.gradient_checkpointing:
                     _checkpointing(encoder.model, enable=False)
-                export_model(peft_model or encoder.model, encoder.checkpoint.path, output)
+                tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
+                export_model(peft_model or encoder.model, encoder.checkpoint.path, output, tokenizer=tokenizer)
+                report_skipped(output)
             barrier()  # every process leaves together: a rank tearing gloo down alone can leave its peer hanging
             return output
         finally:
@@ -90,15 +95,7 @@ class Trainer:
     def _check_output(self, output: Path) -> Path | None:
         if self.config.lora:  # before the model is loaded
             require_extra("peft", extra="train", needed_by="LoRA training")
-        if output.exists() and not output.is_dir():
-            raise TrainingSetupError(f"output {str(output)!r} is a file; give a folder")
-        latest = latest_checkpoint(output) if output.is_dir() else None
-        if latest is not None and not self.config.resume:
-            raise TrainingSetupError(
-                f"{str(output)!r} holds {latest.name} from an earlier run: pass --resume to continue it, "
-                "or choose another output folder"
-            )
-        return latest
+        return check_output(output, resume=self.config.resume, overwrite=self.config.overwrite_output_dir)
 
     def _read_examples(self, output: Path) -> list[TrainingExample]:
         if self.examples is not None:
@@ -108,10 +105,9 @@ class Trainer:
 
     def _load_model(self, device: torch.device) -> tuple[RGEEncoder, Any]:
         config = self.config
-        encoder = RGEEncoder.from_pretrained(
-            config.model, device=device, dtype=torch.float32, min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels, max_new_tokens=config.max_new_tokens,
-            repetition_penalty=config.repetition_penalty,
+        encoder, self.emb_added = load_training_encoder(
+            config.model, device=device, min_pixels=config.min_pixels, max_pixels=config.max_pixels,
+            max_new_tokens=config.max_new_tokens, repetition_penalty=config.repetition_penalty,
         )  # fmt: skip
         model, peft_model = encoder.model, None
         if config.lora:
@@ -142,7 +138,7 @@ class Trainer:
         if changes:
             described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
             raise TrainingSetupError(f"cannot resume {path}: these settings changed the data order ({described})")
-        restore_checkpoint(path, module, optimizer, scheduler)
+        restore_checkpoint(path, module, optimizer, scheduler, self.scaler)
         return TrainingState(saved.step, saved.position, self._settings())  # later checkpoints record today's
 
     # ------------------------------------------------------------------ the loop
@@ -159,37 +155,52 @@ class Trainer:
         total: int,
     ) -> None:
         config, main = self.config, rank() == 0
+        precision, scaler = self.precision, self.scaler
+        assert precision is not None and scaler is not None
         collate = functools.partial(collate_pass, encoder)
         no_sync = getattr(wrapped, "no_sync", contextlib.nullcontext)
         parameters = list(trainable(module).values())
-        with _Log(config, main) as log, tqdm(total=total, initial=state.step, disable=not (main and config.progress),
-                                             desc="training", unit="step") as bar:  # fmt: skip
+
+        def backward(value: torch.Tensor) -> None:  # float16: through the model with the loss scaled up
+            scaler.scale(value).backward()
+
+        shown = main and config.progress
+        with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, resumed_step=state.step) as log, \
+                tqdm(total=total, initial=state.step, disable=not shown, desc="training", unit="step") as bar, \
+                logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
             for position, batch in self._batches(examples, state.position, total - state.step):
                 started = time.perf_counter()
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                         max_negatives=config.max_negatives)  # fmt: skip
                 generated = time.perf_counter()
                 if step.skipped:  # rows that failed only when prepared (an unreadable image, a long prompt)
-                    skipped = [replace(row, step=state.step + 1) for row in step.skipped]
-                    write_bad_rows(config.output_dir / ERROR_FILE, skipped, append=True)
+                    self._report_step_skips(step, state.step + 1)
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(config, encoder.device):
+                with precision.autocast():
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
                                          lm_weight=config.lm_weight, micro_batch_size=config.micro_batch_size,
-                                         no_sync=no_sync)  # fmt: skip
+                                         no_sync=no_sync, backward=backward)  # fmt: skip
+                scaler.unscale_(optimizer)  # clipping and the logged norm see the true gradients
                 norm = _clip(parameters, config.max_grad_norm)
-                optimizer.step()
+                scale = scaler.get_scale() if precision.scaled else None
+                scaler.step(optimizer)  # skipped when a float16 gradient overflowed
+                scaler.update()
                 scheduler.step()
                 state = TrainingState(state.step + 1, position, state.settings)
                 values = loss.logged()
                 if main and (state.step % config.logging_steps == 0 or state.step == total):
-                    log.write(
-                        state, values, _step_facts(step, norm, scheduler, self._global_batch(), started, generated)
-                    )
+                    facts = _step_facts(step, norm, scheduler, self._global_batch(), started, generated)
+                    log.write(state, values, facts if scale is None else {**facts, "loss_scale": scale})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
                 bar.update(1)
-                if config.save_steps and state.step % config.save_steps == 0 and state.step < total:
-                    save_checkpoint(config.output_dir, module, optimizer, scheduler, state)
+                if config.save_steps and (state.step % config.save_steps == 0 or state.step == total):
+                    save_checkpoint(config.output_dir, module, optimizer, scheduler, state, scaler)
+
+    def _report_step_skips(self, step: StepBatch, number: int) -> None:
+        path = self.config.output_dir / ERROR_FILE
+        write_bad_rows(path, [replace(row, step=number) for row in step.skipped], append=True)
+        logger.warning("step %d: %d row%s left out of the batch, listed in %s", number, len(step.skipped),
+                       "" if len(step.skipped) == 1 else "s", path)  # fmt: skip
 
     def _batches(
         self, examples: list[TrainingExample], start: DataPosition, steps: int
@@ -254,14 +265,6 @@ def _scheduler(config: TrainingConfig, optimizer: Any, total: int) -> Any:
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total)
 
 
-def _autocast(config: TrainingConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on CUDA unless ``dtype`` says float32; float32 elsewhere."""
-    dtype = choose_dtype(config.dtype, device)
-    if device.type != "cuda" or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
-
-
 def _clip(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
     if max_norm is None:
         return None
@@ -276,35 +279,3 @@ def _step_facts(
             "generation_seconds": round(generated - started, 4),
             "samples_per_second": round(global_batch / seconds, 3),
             "rationale_tokens": sum(map(len, step.generated)) / max(len(step.generated), 1)}  # fmt: skip
-
-
-class _Log:
-    """``log.jsonl`` (one line per logged step) and, when installed, TensorBoard, on the main process."""
-
-    def __init__(self, config: TrainingConfig, main: bool) -> None:
-        self.path = config.output_dir / LOG_FILE
-        self.main, self.tensorboard = main, config.tensorboard
-        self.writer: Any = None
-
-    def __enter__(self) -> _Log:
-        if self.main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.tensorboard:
-                with contextlib.suppress(ImportError):
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
-        return self
-
-    def write(self, state: TrainingState, values: dict[str, float], facts: dict[str, Any]) -> None:
-        record = {"step": state.step, "epoch": state.position.epoch, **values, **facts}
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{name}", value, state.step)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.writer is not None:
-            self.writer.close()

@@ -111,3 +111,19 @@ def test_the_passes_lm_sum_is_the_language_model_loss_over_full_logits(encoder):
     assert labelled == int((labels[:, 1:] != IGNORE_INDEX).sum()) > len(step.candidates)
     assert output.lm_sum.item() == pytest.approx(expected.item() * labelled, rel=1e-5)
     assert torch.allclose(output.embeddings, hidden[:, -1].float())
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 2])
+def test_every_backward_through_the_model_takes_the_backward_hook(trainable_encoder, micro_batch_size):
+    """float16 runs scale the loss before each backward (GradScaler): every gradient then carries the scale,
+    in one pass and with cached gradients alike."""
+    encoder = trainable_encoder
+    step = build_step_batch(encoder, _examples(), max_new_tokens=BUDGET, max_negatives=1)
+    module, collate = EmbeddingModule(encoder.model), functools.partial(collate_pass, encoder)
+    plain_loss, plain = _gradients(module, step, collate, micro_batch_size=micro_batch_size)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled_loss, scaled = _gradients(module, step, collate, micro_batch_size=micro_batch_size,
+                                     backward=lambda loss: scaler.scale(loss).backward())  # fmt: skip
+    assert scaled_loss == pytest.approx(plain_loss, rel=1e-6) and scaled.keys() == plain.keys()
+    for name, grad in plain.items():
+        torch.testing.assert_close(scaled[name], grad * 1024, rtol=1e-4, atol=1e-6 * 1024, msg=name)

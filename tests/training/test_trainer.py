@@ -4,10 +4,8 @@ processes under torchrun train like one process on the whole batch; bad set-ups 
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -24,44 +22,18 @@ from rge.training import TrainingConfig, train
 
 from ..conftest import file_modes
 from ..live_server import free_port
-
-LETTERS, MAPPED = "abcdefghijkl", "ABCDEFGHIJKL"
-
-
-def _synthetic_split() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Queries name three lower-case letters, documents the matching capitals: the model must learn
-    the letter mapping, and held-out combinations test that it generalises beyond the training pairs."""
-    combos = list(itertools.combinations(range(len(LETTERS)), 3))
-    random.Random(0).shuffle(combos)
-    return combos[:160], combos[160:]
-
-
-def _query(combo: tuple[int, ...]) -> str:
-    return "find " + " ".join(LETTERS[i] for i in combo)
-
-
-def _document(combo: tuple[int, ...]) -> str:
-    return " ".join(MAPPED[i] for i in combo)
-
-
-@pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synthetic") / "letters.jsonl"
-    rows = [{"query": _query(c), "positive": _document(c), "rationale": "so " + _document(c)}
-            for c in _synthetic_split()[0]]  # fmt: skip
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+from .conftest import document_text, query_text, synthetic_split
 
 
 def _recall_at_1(model: Path, combos: list[tuple[int, ...]]) -> float:
     encoder = RGEEncoder.from_pretrained(model, device="cpu", max_new_tokens=4)
-    queries = encoder.encode([_query(c) for c in combos], reason=True, show_progress_bar=False)
-    documents = encoder.encode([_document(c) for c in combos], reason=False, show_progress_bar=False)
+    queries = encoder.encode([query_text(c) for c in combos], reason=True, show_progress_bar=False)
+    documents = encoder.encode([document_text(c) for c in combos], reason=False, show_progress_bar=False)
     return float(np.mean((queries @ documents.T).argmax(axis=1) == np.arange(len(combos))))
 
 
 def test_a_short_run_lifts_held_out_recall_and_saves_a_loadable_model(tiny_path, synthetic_data, tmp_path):
-    held_out = _synthetic_split()[1]
+    held_out = synthetic_split()[1]
     before = _recall_at_1(tiny_path, held_out)
     output = tmp_path / "trained"
     config = TrainingConfig(model=str(tiny_path), data=[str(synthetic_data)], output=str(output), max_steps=150,
