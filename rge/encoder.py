@@ -113,6 +113,7 @@ class RGEEncoder(EncodeMethods):
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        show_progress_bar: bool = False,
     ) -> RGEEncoder:
         """Load a hub id (``"MCG-NJU/RGE"``, downloaded via huggingface-hub) or a local directory.
 
@@ -128,6 +129,9 @@ class RGEEncoder(EncodeMethods):
         Options are checked before anything is downloaded or loaded (``RGEInputError``: a device this
         machine lacks, a dtype that is not floating-point, a pixel budget out of order); a model that is
         neither a local directory nor downloadable raises ``RGEModelNotFoundError`` saying why.
+
+        Loading is quiet: transformers' "Loading weights" bar shows only with ``show_progress_bar=True`` (a
+        download shows the hub's bars, unless ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
         """
         resolved_device = choose_device(device)
         resolved_dtype = choose_dtype(dtype, resolved_device)
@@ -143,6 +147,7 @@ class RGEEncoder(EncodeMethods):
             attn_implementation=attention,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            show_progress_bar=show_progress_bar,
         )
         from_hub = not Path(name_or_path).expanduser().is_dir()
         checkpoint.name = str(name_or_path) if from_hub else str(path.resolve())

@@ -256,8 +256,10 @@ def load_checkpoint(
     attn_implementation: str,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
+    show_progress_bar: bool = False,
 ) -> LoadedCheckpoint:
-    """Load a resolved checkpoint directory onto ``device`` in ``dtype``, ready for inference."""
+    """Load a resolved checkpoint directory onto ``device`` in ``dtype``, ready for inference (transformers'
+    "Loading weights" bar only with ``show_progress_bar``)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     if not (path / "config.json").is_file():
@@ -267,13 +269,14 @@ def load_checkpoint(
     image_pad_id = token_id(tokenizer, IMAGE_PAD_TOKEN, path)
     template = PromptTemplate.from_chat_template(tokenizer, load_chat_template(path, tokenizer))
     vision = VisionPreprocessor(load_image_processor(path), *pixel_budget(min_pixels, max_pixels))
-    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path),
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # reported in the loading info, then refused below with the others
-    )
+    with transformers_progress_bars(show_progress_bar):
+        loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported in the loading info, then refused below with the others
+        )
     model, loading_info = loaded
     check_loading_info(loading_info, path)
     model.to(device).eval().requires_grad_(False)
@@ -289,6 +292,29 @@ def load_checkpoint(
         path=path,
         generation=GenerationSettings.from_checkpoint(path),
     )
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(show: bool) -> Iterator[None]:
+    """Within the block, transformers' own progress bars (its "Loading weights" bar) show only if ``show``;
+    after it, they show as before. The hub's download bars are not transformers' and are left alone.
+
+    transformers' switch (``disable_progress_bar``) is global and turns the hub's bars off too; its tqdm hook
+    replaces the bar for as long as it is set, and the hook set before is put back.
+    """
+    if show:
+        yield
+        return
+    from transformers.utils import logging
+
+    def hidden(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return logging.EmptyTqdm(*args, **kwargs)
+
+    before = logging.set_tqdm_hook(hidden)
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(before)
 
 
 def check_loading_info(info: dict[str, Any], path: Path) -> None:

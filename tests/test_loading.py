@@ -268,3 +268,18 @@ def test_default_pixel_budget_caps_a_huge_image(tiny_path):
 def test_custom_pixel_budget(tiny_path):
     encoder = RGEEncoder.from_pretrained(tiny_path, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
     assert encoder.checkpoint.vision.prepare(make_test_image(4000, 3000, seed=9), 0).tokens <= 16
+
+
+def test_loading_is_quiet_unless_a_progress_bar_is_asked_for(tiny_path, capfd):
+    """No "Loading weights" bar by default; with ``show_progress_bar=True`` there is one; either way transformers'
+    own bars show as before once loading is done."""
+    from transformers.utils import logging
+
+    capfd.readouterr()
+    _load(tiny_path, device="cpu")
+    assert capfd.readouterr().err == ""
+    _load(tiny_path, device="cpu", show_progress_bar=True)
+    assert "Loading weights" in capfd.readouterr().err
+    for _ in logging.tqdm(range(3), desc="after loading"):
+        pass
+    assert "after loading" in capfd.readouterr().err

@@ -137,18 +137,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _transformers_quiet(quiet: bool) -> Iterator[None]:
-    """Hide transformers' per-load progress bars and load reports unless ``--verbose`` is given."""
+    """Hide transformers' messages (its load reports) unless ``--verbose`` is given; its loading bar is hidden
+    by ``from_pretrained`` itself (``load_options`` asks for it with ``--verbose``)."""
     if not quiet:
         yield
         return
     from transformers.utils import logging
 
-    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
+    level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
         yield
     finally:
         logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()

@@ -90,7 +90,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) ->
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """``RGEEncoder.from_pretrained`` keyword arguments from ``add_model_options``' options, checked first."""
     check_device(args.device)
-    options: dict[str, Any] = {"device": args.device}
+    options: dict[str, Any] = {"device": args.device, "show_progress_bar": args.verbose}
     if hasattr(args, "dtype"):
         check_dtype(args.dtype)
         if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
