@@ -27,6 +27,9 @@ from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
 CHECKPOINT_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 """What a hub download fetches: configs, weights, tokenizer files, the chat template."""
 
+DOWNLOAD_SIZES = {"MCG-NJU/RGE": "about 7 GB"}
+"""What a first download of a known model weighs, said when it cannot be downloaded now."""
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -93,7 +96,7 @@ def explained_hub_failures(
     try:
         yield
     except Exception as error:
-        reason = hub_failure(error, revision=revision, local_files_only=local_files_only)
+        reason = hub_failure(error, name=name, revision=revision, local_files_only=local_files_only)
         if reason is None:
             raise
         where = Path(name).expanduser().absolute()
@@ -103,8 +106,15 @@ def explained_hub_failures(
         ) from error
 
 
-def hub_failure(error: BaseException, *, revision: str | None = None, local_files_only: bool = False) -> str | None:
-    """Why the hub did not give a model, in words a user can act on; None when ``error`` is no such failure."""
+def hub_failure(
+    error: BaseException,
+    *,
+    name: str | os.PathLike[str] = "",
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> str | None:
+    """Why the hub did not give model ``name``, in words a user can act on; None when ``error`` is no such
+    failure."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -128,8 +138,9 @@ def hub_failure(error: BaseException, *, revision: str | None = None, local_file
             else "local_files_only=True" if local_files_only
             else "the hub cannot be reached"
         )  # fmt: skip
+        size = DOWNLOAD_SIZES.get(str(name))
         return (
-            f"{cause} and there is no cached copy. Connect once to download it (MCG-NJU/RGE is about 7 GB), "
+            f"{cause} and there is no cached copy. Connect once to download it{f' ({size})' if size else ''}, "
             "or pass a local checkpoint directory"
         )
     return None

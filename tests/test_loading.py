@@ -202,6 +202,20 @@ def test_each_hub_failure_is_explained(monkeypatch, tmp_path, kind, said):
     assert type(raised.value.__cause__).__name__ == type(_hub_error(kind)).__name__
 
 
+@pytest.mark.parametrize(("name", "size"), [("MCG-NJU/RGE", "download it (about 7 GB), or"),
+                                            ("someone/other", "download it, or")])  # fmt: skip
+def test_the_download_size_is_said_for_the_published_model_only(monkeypatch, tmp_path, name, size):
+    import huggingface_hub
+
+    def failing(*args, **kwargs):
+        raise _hub_error("unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(RGEModelNotFoundError) as raised:
+        RGEEncoder.from_pretrained(name, cache_dir=tmp_path)
+    assert size in str(raised.value) and str(raised.value).count("GB") == size.count("GB")
+
+
 def test_checkpoint_without_emb_is_refused(tmp_path):
     path = build_tiny_checkpoint(tmp_path / "plain", with_emb_token=False)
     with pytest.raises(RGECheckpointError, match="<emb>"):
