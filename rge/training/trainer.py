@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._about import DISTRIBUTION
 from ..encoder import RGEEncoder
 from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device, choose_dtype
@@ -37,6 +39,8 @@ from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
+
+logger = logging.getLogger("rge.training")
 
 LOG_FILE = "log.jsonl"
 ERROR_FILE = "errors.jsonl"
@@ -290,9 +294,13 @@ class _Log:
         if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.tensorboard:
-                with contextlib.suppress(ImportError):
+                try:
                     from torch.utils.tensorboard import SummaryWriter
-
+                except ImportError:
+                    logger.warning('TensorBoard is not installed: logging to %s only (pip install "%s[train]" for '
+                                   "TensorBoard; --no-tensorboard or tensorboard=False hides this line)", LOG_FILE,
+                                   DISTRIBUTION)  # fmt: skip
+                else:
                     self.writer = SummaryWriter(str(self.path.parent / "tensorboard"))
         return self
 
