@@ -5,14 +5,23 @@
 >>> queries = encoder.encode_query(["What is in the image?"], images=[photo])   # doctest: +SKIP
 >>> documents = encoder.encode_document(["A cat and a dog.", "A cat and a tiger."])  # doctest: +SKIP
 >>> encoder.similarity(queries, documents)                          # doctest: +SKIP
+
+``import rge`` loads no model code: ``RGEEncoder``, ``Rationales`` and ``load_embeddings`` are imported on
+first use (torch with them, transformers only when a model loads), so ``rge --help`` answers at once.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._about import DISTRIBUTION, __version__
-from .corpus import load_embeddings
-from .encoder import Rationales, RGEEncoder
 from .errors import RGECheckpointError, RGEError, RGEInputError, RGEMissingExtraError, RGEModelNotFoundError
+
+if TYPE_CHECKING:
+    from .corpus import load_embeddings
+    from .encoder import RGEEncoder
+    from .types import Rationales
 
 __all__ = [
     "DISTRIBUTION",
@@ -26,3 +35,18 @@ __all__ = [
     "__version__",
     "load_embeddings",
 ]
+
+_LAZY = {"RGEEncoder": ".encoder", "Rationales": ".types", "load_embeddings": ".corpus"}
+"""Public names imported on first use, and the module each comes from."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,16 +91,25 @@ def missing_columns(path: Path, fields: Fields) -> list[str]:
 
 
 def input_keys(path: Path) -> set[str]:
-    """Every key of the input's rows (JSONL: one pass over all objects) or every column (parquet)."""
+    """Every key of the input's rows (JSONL: one pass over all objects) or every column (parquet).
+
+    A job is checked before its model loads and again when it starts (``check_job``): the second check
+    reuses the first one's keys while the file is unchanged (same size and modification time)."""
+    stat = path.stat()
+    return set(_keys(path.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _keys(path: Path, size: int, modified_ns: int) -> frozenset[str]:
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        return set(pq.ParquetFile(path).schema_arrow.names)
+        return frozenset(pq.ParquetFile(path).schema_arrow.names)
     keys: set[str] = set()
     for _, record in jsonl_records(path):
         if isinstance(record, dict):
             keys.update(record)
-    return keys
+    return frozenset(keys)
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:

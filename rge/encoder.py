@@ -5,21 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, get_args, overload
 
 import numpy as np
 import torch
 
 from .encode_methods import EncodeMethods
 from .engine.batching import ModelBatch, TokenizedItem, collate
-from .engine.cache_pool import SlotCachePool
-from .engine.candidates import embed_candidates
 from .engine.decode_config import GREEDY, DecodeConfig, TokenChoice
-from .engine.decoder import ReasoningDecoder
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
-from .engine.slot_batches import BATCHES, resolve_kv_cache
-from .engine.vision_attention import batch_windows
 from .errors import RGEInputError
 from .images import pixel_budget
 from .loading import (
@@ -47,10 +42,15 @@ from .types import (
     TextInput,
 )
 
+# The engine's modules that import transformers are imported where they are used, when a model is loaded or
+# run: ``from rge import RGEEncoder`` costs little more than torch (docs/performance.md, "Start-up").
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-KV_CACHES = ("auto", *BATCHES)
+    from .engine.decoder import ReasoningDecoder
+
+KV_CACHES: tuple[str, ...] = get_args(KVCache)
+"""The ``kv_cache`` values the encoder takes: ``"auto"`` and the engine's kinds (``slot_batches.BATCHES``)."""
 
 
 class RGEEncoder(EncodeMethods):
@@ -71,6 +71,9 @@ class RGEEncoder(EncodeMethods):
     ) -> None:
         if kv_cache not in KV_CACHES:
             raise RGEInputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        from .engine.cache_pool import SlotCachePool
+        from .engine.vision_attention import batch_windows
+
         self.checkpoint = checkpoint
         batch_windows(checkpoint.model)  # the vision tower's windows in few attention calls (same outputs)
         self.kv_cache = kv_cache
@@ -110,6 +113,7 @@ class RGEEncoder(EncodeMethods):
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
         local_files_only: bool = False,
+        show_progress_bar: bool = False,
     ) -> RGEEncoder:
         """Load a hub id (``"MCG-NJU/RGE"``, downloaded via huggingface-hub) or a local directory.
 
@@ -125,6 +129,9 @@ class RGEEncoder(EncodeMethods):
         Options are checked before anything is downloaded or loaded (``RGEInputError``: a device this
         machine lacks, a dtype that is not floating-point, a pixel budget out of order); a model that is
         neither a local directory nor downloadable raises ``RGEModelNotFoundError`` saying why.
+
+        Loading is quiet: transformers' "Loading weights" bar shows only with ``show_progress_bar=True`` (a
+        download shows the hub's bars, unless ``HF_HUB_DISABLE_PROGRESS_BARS=1``).
         """
         resolved_device = choose_device(device)
         resolved_dtype = choose_dtype(dtype, resolved_device)
@@ -140,6 +147,7 @@ class RGEEncoder(EncodeMethods):
             attn_implementation=attention,
             min_pixels=min_pixels,
             max_pixels=max_pixels,
+            show_progress_bar=show_progress_bar,
         )
         from_hub = not Path(name_or_path).expanduser().is_dir()
         checkpoint.name = str(name_or_path) if from_hub else str(path.resolve())
@@ -310,6 +318,8 @@ class RGEEncoder(EncodeMethods):
     ) -> torch.Tensor:
         """Raw (not normalised) float32 embeddings of prepared candidate items (``prepare(..., reason=False)``,
         indexed 0..N-1), in index order: one forward pass per length-sorted batch."""
+        from .engine.candidates import embed_candidates
+
         return embed_candidates(
             self.model, items, self.model_batch, self.checkpoint.emb_token_id, batch_size, progress,
             prefetch=self.inputs.prefetch,
@@ -344,6 +354,9 @@ class RGEEncoder(EncodeMethods):
         Lower-level than ``encode``: its ``stream()`` takes prepared items (``prepare``) as they arrive,
         which is how ``rge serve`` shares one running batch among requests.
         """
+        from .engine.decoder import ReasoningDecoder
+        from .engine.slot_batches import resolve_kv_cache
+
         config = DecodeConfig(
             emb_token_id=self.checkpoint.emb_token_id,
             max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,

@@ -27,6 +27,9 @@ from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
 CHECKPOINT_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 """What a hub download fetches: configs, weights, tokenizer files, the chat template."""
 
+DOWNLOAD_SIZES = {"MCG-NJU/RGE": "about 7 GB"}
+"""What a first download of a known model weighs, said when it cannot be downloaded now."""
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -93,7 +96,7 @@ def explained_hub_failures(
     try:
         yield
     except Exception as error:
-        reason = hub_failure(error, revision=revision, local_files_only=local_files_only)
+        reason = hub_failure(error, name=name, revision=revision, local_files_only=local_files_only)
         if reason is None:
             raise
         where = Path(name).expanduser().absolute()
@@ -103,8 +106,15 @@ def explained_hub_failures(
         ) from error
 
 
-def hub_failure(error: BaseException, *, revision: str | None = None, local_files_only: bool = False) -> str | None:
-    """Why the hub did not give a model, in words a user can act on; None when ``error`` is no such failure."""
+def hub_failure(
+    error: BaseException,
+    *,
+    name: str | os.PathLike[str] = "",
+    revision: str | None = None,
+    local_files_only: bool = False,
+) -> str | None:
+    """Why the hub did not give model ``name``, in words a user can act on; None when ``error`` is no such
+    failure."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -128,8 +138,9 @@ def hub_failure(error: BaseException, *, revision: str | None = None, local_file
             else "local_files_only=True" if local_files_only
             else "the hub cannot be reached"
         )  # fmt: skip
+        size = DOWNLOAD_SIZES.get(str(name))
         return (
-            f"{cause} and there is no cached copy. Connect once to download it (MCG-NJU/RGE is about 7 GB), "
+            f"{cause} and there is no cached copy. Connect once to download it{f' ({size})' if size else ''}, "
             "or pass a local checkpoint directory"
         )
     return None
@@ -266,10 +277,12 @@ def load_checkpoint(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     tokenizer: Any = None,
+    show_progress_bar: bool = False,
 ) -> LoadedCheckpoint:
     """Load a resolved checkpoint directory onto ``device`` in ``dtype``, ready for inference.
 
-    ``tokenizer`` replaces the checkpoint's own (training gives a base model's with ``<emb>`` added).
+    ``tokenizer`` replaces the checkpoint's own (training gives a base model's with ``<emb>`` added);
+    transformers' "Loading weights" bar shows only with ``show_progress_bar``.
     """
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -280,13 +293,14 @@ def load_checkpoint(
     image_pad_id = token_id(tokenizer, IMAGE_PAD_TOKEN, path)
     template = PromptTemplate.from_chat_template(tokenizer, load_chat_template(path, tokenizer))
     vision = VisionPreprocessor(load_image_processor(path), *pixel_budget(min_pixels, max_pixels))
-    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(path),
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        output_loading_info=True,
-        ignore_mismatched_sizes=True,  # reported in the loading info, then refused below with the others
-    )
+    with transformers_progress_bars(show_progress_bar):
+        loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported in the loading info, then refused below with the others
+        )
     model, loading_info = loaded
     check_loading_info(loading_info, path)
     model.to(device).eval().requires_grad_(False)
@@ -302,6 +316,29 @@ def load_checkpoint(
         path=path,
         generation=GenerationSettings.from_checkpoint(path),
     )
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(show: bool) -> Iterator[None]:
+    """Within the block, transformers' own progress bars (its "Loading weights" bar) show only if ``show``;
+    after it, they show as before. The hub's download bars are not transformers' and are left alone.
+
+    transformers' switch (``disable_progress_bar``) is global and turns the hub's bars off too; its tqdm hook
+    replaces the bar for as long as it is set, and the hook set before is put back.
+    """
+    if show:
+        yield
+        return
+    from transformers.utils import logging
+
+    def hidden(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return logging.EmptyTqdm(*args, **kwargs)
+
+    before = logging.set_tqdm_hook(hidden)
+    try:
+        yield
+    finally:
+        logging.set_tqdm_hook(before)
 
 
 def check_loading_info(info: dict[str, Any], path: Path) -> None:

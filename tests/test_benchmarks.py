@@ -118,3 +118,13 @@ def test_the_gpu_check_runs_end_to_end_with_tiny_shapes_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "check" / "run.json").read_text())["floor"]["decode_steps"] > 0
     assert "passed" in (tmp_path / "check" / "tests.log").read_text()
     assert (tmp_path / "check" / "bf16-flips.json").is_file() and (tmp_path / "check" / "machine.txt").is_file()
+
+
+def test_startup_benchmark_times_every_command_against_import_torch():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--repeats", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2:4] for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"python -c pass", "import torch", "import rge", "from rge import RGEEncoder",
+                         "rge --version", "rge --help"}  # fmt: skip
+    assert float(rows["import torch"][1]) == 1.0 and all(float(seconds) > 0 for seconds, _ in rows.values())

@@ -202,6 +202,20 @@ def test_each_hub_failure_is_explained(monkeypatch, tmp_path, kind, said):
     assert type(raised.value.__cause__).__name__ == type(_hub_error(kind)).__name__
 
 
+@pytest.mark.parametrize(("name", "size"), [("MCG-NJU/RGE", "download it (about 7 GB), or"),
+                                            ("someone/other", "download it, or")])  # fmt: skip
+def test_the_download_size_is_said_for_the_published_model_only(monkeypatch, tmp_path, name, size):
+    import huggingface_hub
+
+    def failing(*args, **kwargs):
+        raise _hub_error("unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    with pytest.raises(RGEModelNotFoundError) as raised:
+        RGEEncoder.from_pretrained(name, cache_dir=tmp_path)
+    assert size in str(raised.value) and str(raised.value).count("GB") == size.count("GB")
+
+
 def test_checkpoint_without_emb_is_refused(tmp_path):
     path = build_tiny_checkpoint(tmp_path / "plain", with_emb_token=False)
     with pytest.raises(RGECheckpointError, match="<emb>"):
@@ -268,3 +282,18 @@ def test_default_pixel_budget_caps_a_huge_image(tiny_path):
 def test_custom_pixel_budget(tiny_path):
     encoder = RGEEncoder.from_pretrained(tiny_path, min_pixels=4 * 28 * 28, max_pixels=16 * 28 * 28)
     assert encoder.checkpoint.vision.prepare(make_test_image(4000, 3000, seed=9), 0).tokens <= 16
+
+
+def test_loading_is_quiet_unless_a_progress_bar_is_asked_for(tiny_path, capfd):
+    """No "Loading weights" bar by default; with ``show_progress_bar=True`` there is one; either way transformers'
+    own bars show as before once loading is done."""
+    from transformers.utils import logging
+
+    capfd.readouterr()
+    _load(tiny_path, device="cpu")
+    assert capfd.readouterr().err == ""
+    _load(tiny_path, device="cpu", show_progress_bar=True)
+    assert "Loading weights" in capfd.readouterr().err
+    for _ in logging.tqdm(range(3), desc="after loading"):
+        pass
+    assert "after loading" in capfd.readouterr().err

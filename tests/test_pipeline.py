@@ -5,6 +5,7 @@ tokenizing a part of it, and ``encode`` does its image work in the workers, a ba
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import numpy as np
@@ -18,7 +19,7 @@ from rge.images import VisionPreprocessor
 from rge.testing import make_test_image
 from rge.tokenization import PromptTokenizer
 
-from .conftest import MAX_PIXELS, MIN_PIXELS
+from .conftest import MAX_PIXELS, MIN_PIXELS, load_tiny
 
 SIZES = [(64, 48), (28, 28), (20, 90), (333, 222), (4000, 3000), (1, 1), (5000, 40), (30, 1200), (57, 57)]
 
@@ -270,3 +271,19 @@ def test_the_error_raised_is_the_first_bad_items_whatever_went_wrong_with_it(enc
     mixed = [{"text": "fine"}, {"text": "word " * (limit // 2)}, {"text": "x", "image": str(broken)}]
     with pytest.raises(RGEInputError, match=r"^item 1: prompt of"):
         encoder.encode_document(mixed)
+
+
+def test_a_text_over_the_limit_is_refused_by_rge_alone(tiny_path, capfd, caplog):
+    """rge's RGEInputError and no warning before it, though transformers warns about the same text when its own
+    tokenizer is called on it (called after: it warns once per tokenizer)."""
+    caplog.set_level(logging.WARNING, logger="transformers")  # the tests' setting is ERROR
+    encoder = load_tiny(tiny_path, "cpu")
+    tokenizer = encoder.checkpoint.tokenizer
+    text = "word " * (tokenizer.model_max_length + 1)
+    capfd.readouterr()
+    for reason in (False, True):
+        with pytest.raises(RGEInputError, match=r"item 0: prompt of (at least )?\d+ tokens .*exceeds max_length="):
+            encoder.encode(text, reason=reason)
+    assert capfd.readouterr().err == "" and caplog.messages == []
+    tokenizer(text, add_special_tokens=False)
+    assert any(message.startswith("Token indices sequence length is longer") for message in caplog.messages)

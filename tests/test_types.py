@@ -12,6 +12,7 @@ from mypy import api
 
 import rge
 from rge.encoder import KV_CACHES
+from rge.engine.slot_batches import BATCHES
 from rge.prompts import TASK_PROMPTS
 from rge.types import EncoderProtocol, KVCache, PromptName, Rationales
 
@@ -102,7 +103,7 @@ def test_a_type_checker_sees_what_each_call_returns_and_refuses_unknown_options(
 
 
 def test_option_literals_are_the_values_the_code_accepts():
-    assert set(get_args(KVCache)) == set(KV_CACHES)
+    assert set(get_args(KVCache)) == set(KV_CACHES) == {"auto", *BATCHES}
     tasks = {name.rsplit("_", 1)[0] for name in TASK_PROMPTS}
     assert set(get_args(PromptName)) == tasks | set(TASK_PROMPTS)
 

@@ -11,24 +11,37 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .._about import DISTRIBUTION, __version__
 from ..errors import RGEError
 from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_encode, run_mmeb
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, exit_status
-from .options import add_model_options, key_list, positive_int
+from .options import DefaultsHelpFormatter, add_model_options, key_list, positive_int, shown_default
 from .serve import add_serve_parser, run_serve
 from .train import add_train_parser, run_train
 
 ENCODE_EXIT_ROWS_FAILED = EXIT_ROWS_FAILED
 """``rge encode`` exit status when the job finished but some rows were reported in errors.jsonl."""
 
-__all__ = ["DEMO_CANDIDATES", "DEMO_QUERY", "ENCODE_EXIT_ROWS_FAILED", "build_parser", "demo_picture", "main"]
+__all__ = [
+    "DEMO_CANDIDATES",
+    "DEMO_QUERY",
+    "ENCODE_EXIT_ROWS_FAILED",
+    "build_parser",
+    "demo_picture",
+    "main",
+    "option_defaults",
+]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a refusal in one line (and the pointer to --help) instead of the usage block."""
+    """argparse, with a refusal in one line (and the pointer to --help) instead of the usage block, and each
+    option's default in ``--help`` (the commands' parsers are of this class too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -61,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser("encode", parents=[common], help="encode a JSONL or parquet corpus into shards")
     encode.add_argument("input", help="JSONL (one object per line: id, text, image) or parquet (.jsonl, .parquet)")
     encode.add_argument("--output", required=True, help="index folder (a rerun resumes from it)")
-    encode.add_argument("--side", choices=["document", "query"], default="document")
-    encode.add_argument("--shard-size", type=positive_int, default=10000)
+    encode.add_argument("--side", choices=["document", "query"], default="document",
+                        help="query: reason, then embed; document: embed at once")  # fmt: skip
+    encode.add_argument("--shard-size", type=positive_int, default=10000, help="rows per output shard")
     encode.add_argument("--id-field", default="id", help="key (JSONL) or column (parquet) of the row id")
     encode.add_argument("--text-field", default="text", help="key or column of the text")
     encode.add_argument("--image-field", default="image", help="key or column of the image (a path, or bytes)")
@@ -75,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands, common)
     add_train_parser(commands, common)
     return parser
+
+
+def option_defaults() -> dict[str, dict[str, Any]]:
+    """Every command (``"encode"``, ``"eval mmeb"``, ...) with each of its options and the default its ``--help``
+    shows (None: it shows none), read from the parser itself."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(parser: argparse.ArgumentParser, command: str) -> None:
+        subcommands = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        for action in subcommands:
+            for name, subparser in action.choices.items():
+                walk(subparser, f"{command} {name}".strip())
+        if command and not subcommands:
+            found[command] = {max(action.option_strings, key=len): shown_default(action)
+                              for action in parser._actions if action.option_strings}  # fmt: skip
+
+    walk(build_parser(), "")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,18 +137,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _transformers_quiet(quiet: bool) -> Iterator[None]:
-    """Hide transformers' per-load progress bars and load reports unless ``--verbose`` is given."""
+    """Hide transformers' messages (its load reports) unless ``--verbose`` is given; its loading bar is hidden
+    by ``from_pretrained`` itself (``load_options`` asks for it with ``--verbose``)."""
     if not quiet:
         yield
         return
     from transformers.utils import logging
 
-    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
-    logging.disable_progress_bar()
+    level = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
         yield
     finally:
         logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +12,33 @@ from .errors import CLIError
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """``--help`` shows each option's default, unless it has none or its help already says it."""
+    """``--help`` shows each option's default (``shown_default``), unless its help already says it."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help
-        if not text or "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
+        text = action.help or ""
+        if shown_default(action) is None or "default" in text:
+            return action.help
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        """Lines broken at spaces only: ``MCG-NJU/RGE`` and ``--batch-size`` stay whole."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def shown_default(action: argparse.Action) -> Any:
+    """The default ``--help`` shows for ``action``; None when it has none to show (no value, an empty list, a
+    flag, which is off unless given)."""
+    default = action.default
+    if action.nargs == 0 or default is None or default is argparse.SUPPRESS or default in ((), []):
+        return None
+    return default
+
+
+def dataclass_defaults(settings: type) -> dict[str, Any]:
+    """The plain defaults of a dataclass's fields (not those a factory computes), by field name: options read
+    their defaults from here, so that the command and the Python API cannot disagree."""
+    return {field.name: field.default for field in dataclasses.fields(settings)
+            if field.default is not dataclasses.MISSING}  # fmt: skip
 
 
 def positive_int(value: str) -> int:
@@ -52,8 +74,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) ->
     if batch:
         parser.add_argument("--batch-size", type=positive_int, default=16, help="items run together")
         parser.add_argument("--max-new-tokens", type=positive_int, default=128, help="reasoning budget of queries")
-        parser.add_argument("--min-pixels", type=positive_int, help="default 256*28*28")
-        parser.add_argument("--max-pixels", type=positive_int, help="default 1024*28*28")
+        parser.add_argument("--min-pixels", type=positive_int,
+                            help="fewest pixels an image is resized to (default: 256*28*28, the paper's)")  # fmt: skip
+        parser.add_argument("--max-pixels", type=positive_int,
+                            help="most pixels an image is resized to (default: 1024*28*28, the paper's)")  # fmt: skip
         parser.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, else float32)")
         parser.add_argument(
             "--repetition-penalty",
@@ -66,7 +90,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, batch: bool = True) ->
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """``RGEEncoder.from_pretrained`` keyword arguments from ``add_model_options``' options, checked first."""
     check_device(args.device)
-    options: dict[str, Any] = {"device": args.device}
+    options: dict[str, Any] = {"device": args.device, "show_progress_bar": args.verbose}
     if hasattr(args, "dtype"):
         check_dtype(args.dtype)
         if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:

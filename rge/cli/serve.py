@@ -11,57 +11,57 @@ from typing import Any
 
 from .._about import DISTRIBUTION
 from .errors import EXIT_MODEL, EXIT_OK, CLIError
-from .options import DefaultsHelpFormatter, add_model_options, load_options, positive_float, positive_int
+from .options import add_model_options, dataclass_defaults, load_options, positive_float, positive_int
 
 
 def add_serve_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    from ..serving.settings import ServerSettings
+    from ..serving.settings import DEFAULT_INPUT_WORKERS, ServerSettings
 
-    default = ServerSettings()
-    serve = commands.add_parser("serve", parents=[common], help="serve embeddings over HTTP (OpenAI-compatible)",
-                                formatter_class=DefaultsHelpFormatter)  # fmt: skip
+    default = dataclass_defaults(ServerSettings)
+    serve = commands.add_parser("serve", parents=[common], help="serve embeddings over HTTP (OpenAI-compatible)")
     add_model_options(serve)
-    serve.set_defaults(batch_size=default.batch_size)
+    serve.set_defaults(batch_size=default["batch_size"])
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 is this machine only")
     serve.add_argument("--port", type=positive_int, default=8000, help="port to bind")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $RGE_API_KEY if set)")
     serve.add_argument("--served-model-name", action="append", help="name(s) clients use (default: --model)")
-    serve.add_argument("--query-model-suffix", default=default.query_model_suffix,
+    serve.add_argument("--query-model-suffix", default=default["query_model_suffix"],
                        help="each served name with this suffix is served too, for queries (for clients that cannot "
                        "send input_type); '' for none")  # fmt: skip
-    serve.add_argument("--max-queued-items", type=positive_int, default=default.max_queued_items,
+    serve.add_argument("--max-queued-items", type=positive_int, default=default["max_queued_items"],
                        help="items accepted and unfinished over all requests; beyond it: 429")  # fmt: skip
     serve.add_argument("--max-length", type=positive_int,
                        help="longest prompt in tokens, images and the query budget included (default: the model's "
                        "context)")  # fmt: skip
-    serve.add_argument("--max-items-per-request", type=positive_int, default=default.max_items_per_request,
+    serve.add_argument("--max-items-per-request", type=positive_int, default=default["max_items_per_request"],
                        help="inputs in one request")  # fmt: skip
-    serve.add_argument("--max-body-bytes", type=positive_int, default=default.max_body_bytes,
+    serve.add_argument("--max-body-bytes", type=positive_int, default=default["max_body_bytes"],
                        help="bytes of one request body")  # fmt: skip
-    serve.add_argument("--max-image-pixels", type=positive_int, default=default.max_image_pixels,
+    serve.add_argument("--max-image-pixels", type=positive_int, default=default["max_image_pixels"],
                        help="per decoded image")  # fmt: skip
-    serve.add_argument("--max-request-pixels", type=positive_int, default=default.max_request_pixels,
+    serve.add_argument("--max-request-pixels", type=positive_int, default=default["max_request_pixels"],
                        help="decoded pixels of all images of one request")  # fmt: skip
-    serve.add_argument("--request-timeout", type=positive_float, default=default.request_timeout,
+    serve.add_argument("--request-timeout", type=positive_float, default=default["request_timeout"],
                        help="seconds a request may take in all")  # fmt: skip
-    serve.add_argument("--header-timeout", type=positive_float, default=default.header_timeout,
+    serve.add_argument("--header-timeout", type=positive_float, default=default["header_timeout"],
                        help="seconds a connection may take to send its request headers")  # fmt: skip
-    serve.add_argument("--body-timeout", type=positive_float, default=default.body_timeout,
+    serve.add_argument("--body-timeout", type=positive_float, default=default["body_timeout"],
                        help="seconds a request body may take to arrive")  # fmt: skip
-    serve.add_argument("--shutdown-timeout", type=positive_float, default=default.shutdown_timeout,
+    serve.add_argument("--shutdown-timeout", type=positive_float, default=default["shutdown_timeout"],
                        help="on SIGTERM/Ctrl-C: seconds requests in flight have; then 503 and exit")  # fmt: skip
-    serve.add_argument("--batch-wait-ms", type=float, default=default.batch_wait * 1000,
+    serve.add_argument("--batch-wait-ms", type=float, default=default["batch_wait"] * 1000,
                        help="documents wait this long to share a batch")  # fmt: skip
-    serve.add_argument("--input-workers", type=positive_int, default=default.input_workers,
+    serve.add_argument("--input-workers", type=positive_int,
                        help="threads decoding and resizing request images (patches are made by the model's "
-                       "own input workers)")  # fmt: skip
+                       f"own input workers; default: {DEFAULT_INPUT_WORKERS}, or the cores this process may use if "
+                       "fewer)")  # fmt: skip
     serve.add_argument("--torch-threads", type=positive_int,
                        help="CPU threads of the model (default: the cores left by --input-workers)")  # fmt: skip
     serve.add_argument("--allow-image-host", action="append", default=[],
                        help="fetch http(s) image URLs from this host ('.example.com': its subdomains too)")  # fmt: skip
     serve.add_argument("--allow-private-image-hosts", action="store_true",
                        help="allowed hosts may resolve to private or loopback addresses")  # fmt: skip
-    serve.add_argument("--image-fetch-timeout", type=positive_float, default=default.image_fetch_timeout,
+    serve.add_argument("--image-fetch-timeout", type=positive_float, default=default["image_fetch_timeout"],
                        help="seconds one image URL may take in all")  # fmt: skip
     for side in ("query", "document"):
         serve.add_argument(f"--{side}-prompt-name", help=f"task prompt before every {side} text that names none "
@@ -94,7 +94,6 @@ def server_settings(args: argparse.Namespace) -> Any:
             header_timeout=args.header_timeout,
             body_timeout=args.body_timeout,
             shutdown_timeout=args.shutdown_timeout,
-            input_workers=args.input_workers,
             torch_threads=args.torch_threads,
             image_hosts=tuple(args.allow_image_host),
             private_image_hosts=args.allow_private_image_hosts,
@@ -104,6 +103,7 @@ def server_settings(args: argparse.Namespace) -> Any:
             document_prompt_name=args.document_prompt_name,
             document_prompt=args.document_prompt,
             extra={"max_new_tokens": args.max_new_tokens},
+            **({"input_workers": args.input_workers} if args.input_workers else {}),  # else the cores'
         )
     except ValueError as error:
         raise CLIError(str(error)) from None

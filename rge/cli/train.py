@@ -16,44 +16,54 @@ from .options import (
     check_dtype,
     check_input_folder,
     check_output_folder,
+    dataclass_defaults,
     positive_float,
     positive_int,
 )
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    from ..training.config import SCHEDULERS, TrainingConfig
+
+    default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
     train.add_argument("--data", nargs="+", required=True, help="JSONL or parquet files (rge or MMEB-train columns)")
     train.add_argument("--output", required=True, help="folder for checkpoints, logs and the trained model")
     train.add_argument("--image-root", help="folder image paths are relative to (default: each data file's)")
     add_model_options(train)
-    train.set_defaults(batch_size=8)
+    train.set_defaults(batch_size=default["batch_size"], max_new_tokens=default["max_new_tokens"])
     train.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: --epochs over the data)")
-    train.add_argument("--epochs", type=positive_int, default=1)
+    train.add_argument("--epochs", type=positive_int, default=default["epochs"], help="passes over the data")
     train.add_argument("--micro-batch-size", type=positive_int,
-                       help="rows per forward with a graph; smaller than --batch-size: cached gradients")  # fmt: skip
-    train.add_argument("--learning-rate", type=positive_float, default=2e-5)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--warmup-steps", type=int, default=0)
-    train.add_argument("--scheduler", choices=["linear", "cosine", "constant"], default="linear")
-    train.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradient clipping")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--temperature", type=positive_float, default=0.02, help="InfoNCE temperature")
-    train.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss")
+                       help="rows per forward with a graph; smaller than --batch-size: cached gradients (default: "
+                       "the batch)")  # fmt: skip
+    train.add_argument("--learning-rate", type=positive_float, default=default["learning_rate"], help="AdamW's")
+    train.add_argument("--weight-decay", type=float, default=default["weight_decay"], help="AdamW's")
+    train.add_argument("--warmup-steps", type=int, default=default["warmup_steps"], help="linear warm-up steps")
+    train.add_argument("--scheduler", choices=SCHEDULERS, default=default["scheduler"],
+                       help="learning rate after the warm-up")  # fmt: skip
+    train.add_argument("--max-grad-norm", type=positive_float, default=default["max_grad_norm"],
+                       help="gradient clipping")  # fmt: skip
+    train.add_argument("--seed", type=int, default=default["seed"], help="data order and LoRA's initialisation")
+    train.add_argument("--temperature", type=positive_float, default=default["temperature"],
+                       help="InfoNCE temperature")  # fmt: skip
+    train.add_argument("--lm-weight", type=float, default=default["lm_weight"], help="weight of the LM loss")
     train.add_argument("--max-negatives", type=int, help="hard negatives per example (default: all the row has)")
     train.add_argument("--mix-tasks", action="store_true", help="batches mix tasks (default: one task per batch)")
     train.add_argument(
         "--lora", action="store_true", help=f"train a LoRA adapter (pip install '{DISTRIBUTION}[train]')"
     )
-    train.add_argument("--lora-r", type=positive_int, default=16)
-    train.add_argument("--lora-alpha", type=positive_int, default=64)
-    train.add_argument("--lora-dropout", type=float, default=0.1)
+    train.add_argument("--lora-r", type=positive_int, default=default["lora_r"], help="LoRA rank")
+    train.add_argument("--lora-alpha", type=positive_int, default=default["lora_alpha"], help="LoRA scaling")
+    train.add_argument("--lora-dropout", type=float, default=default["lora_dropout"], help="LoRA dropout")
     train.add_argument("--no-dora", action="store_true", help="plain LoRA (default: DoRA, as the authors train)")
     train.add_argument("--lora-target-modules", nargs="+", help="module name suffixes (default: the authors')")
-    train.add_argument("--gradient-checkpointing", action="store_true")
-    train.add_argument("--save-steps", type=int, default=0,
+    train.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward: less memory, more time")  # fmt: skip
+    train.add_argument("--save-steps", type=int, default=default["save_steps"],
                        help="resumable checkpoint every N steps and at the last (0: none)")  # fmt: skip
-    train.add_argument("--logging-steps", type=positive_int, default=1)
+    train.add_argument("--logging-steps", type=positive_int, default=default["logging_steps"],
+                       help="log every N steps")  # fmt: skip
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     train.add_argument("--overwrite-output-dir", action="store_true",
                        help="start afresh in an --output an earlier run trained into")  # fmt: skip

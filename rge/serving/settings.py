@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 from ..prompts import resolve_prompt
 
+DEFAULT_INPUT_WORKERS = 4
+"""``ServerSettings.input_workers`` unless the process may use fewer cores."""
+
 
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity, where the system tells it)."""
@@ -64,7 +67,7 @@ class ServerSettings:
     image_fetch_max_bytes: int = 20 * 2**20
     max_concurrent_fetches: int = 16
     """Image URLs fetched at once, over all requests (fetches wait on the network, not the CPU)."""
-    input_workers: int = field(default_factory=lambda: min(4, available_cores()))
+    input_workers: int = field(default_factory=lambda: min(DEFAULT_INPUT_WORKERS, available_cores()))
     """Threads that decode, resize and tokenize requests with images (requests without images have two
     threads of their own, so a request of large images never delays a text request)."""
     torch_threads: int | None = None

@@ -6,19 +6,41 @@ the three lists of sequences), ``backward_step`` (the joint loss's backward, Gra
 size), and the losses themselves (exact across DDP processes). ``load_training_encoder`` loads an RGE
 checkpoint, or a base Qwen2.5-VL-Instruct one with ``<emb>`` added (``add_emb_token``, ``add_emb_row``);
 ``training_precision`` says how the passes compute for a ``--dtype`` and device.
+
+Each name is imported on first use, so that ``TrainingConfig`` (which ``rge train --help`` reads its
+defaults from) comes without torch.
 """
 
 from __future__ import annotations
 
-from .base_model import add_emb_row, add_emb_token, load_training_encoder
-from .batches import DataPosition, epoch_plan, process_slice
-from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence
-from .config import TrainingConfig
-from .data import Side, TrainingDataError, TrainingExample, read_training_data
-from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
-from .precision import Precision, training_precision
-from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
-from .trainer import Trainer, TrainingSetupError, train
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..errors import TrainingDataError, TrainingSetupError
+    from .base_model import add_emb_row, add_emb_token, load_training_encoder
+    from .batches import DataPosition, epoch_plan, process_slice
+    from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence
+    from .config import DEFAULT_TEMPERATURE, TrainingConfig
+    from .data import Side, TrainingExample, read_training_data
+    from .losses import IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
+    from .precision import Precision, training_precision
+    from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
+    from .trainer import Trainer, train
+
+_MODULES = {
+    "..errors": ("TrainingDataError", "TrainingSetupError"),
+    ".base_model": ("add_emb_row", "add_emb_token", "load_training_encoder"),
+    ".batches": ("DataPosition", "epoch_plan", "process_slice"),
+    ".collation": ("TrainingSequence", "candidate_sequence", "collate_training", "query_sequence"),
+    ".config": ("DEFAULT_TEMPERATURE", "TrainingConfig"),
+    ".data": ("Side", "TrainingExample", "read_training_data"),
+    ".losses": ("IGNORE_INDEX", "JointLoss", "info_nce", "joint_loss", "language_model_loss"),
+    ".precision": ("Precision", "training_precision"),
+    ".step": ("EmbeddingModule", "StepBatch", "backward_step", "build_step_batch", "collate_pass"),
+    ".trainer": ("Trainer", "train"),
+}
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -53,3 +75,15 @@ __all__ = [
     "train",
     "training_precision",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -6,13 +6,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .losses import DEFAULT_TEMPERATURE
-
 LORA_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "k_proj", "q_proj", "out_proj", "v_proj")
 """The authors' LoRA targets (names matched as module-name suffixes; in Qwen2.5-VL they hit the language
 model's attention and down projections and the vision blocks' down projections)."""
 
 SCHEDULERS = ("linear", "cosine", "constant")
+
+DEFAULT_TEMPERATURE = 0.02
+"""The InfoNCE temperature of the paper's objective (``rge.training.losses``)."""
 
 PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root")
 """Settings that decide which examples form each step: a resumed run must keep them."""

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .config import DEFAULT_TEMPERATURE
 from .distributed import gather_with_grad, sum_over_processes, world_size
 
 IGNORE_INDEX = -100
-DEFAULT_TEMPERATURE = 0.02
 
 
 @dataclass

@@ -3,13 +3,13 @@ per-step log (``log.jsonl`` and TensorBoard), and the console's word on skipped 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from .._about import DISTRIBUTION
 from ..errors import TrainingSetupError
 from .checkpoints import TrainingState, latest_checkpoint
 from .distributed import barrier, rank
@@ -93,9 +93,13 @@ class RunLog:
                         if line and json.loads(line)["step"] <= self.resumed_step]  # fmt: skip
                 self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             if self.tensorboard:
-                with contextlib.suppress(ImportError):
+                try:
                     from torch.utils.tensorboard import SummaryWriter
-
+                except ImportError:
+                    logger.warning('TensorBoard is not installed: logging to %s only (pip install "%s[train]" for '
+                                   "TensorBoard; --no-tensorboard or tensorboard=False hides this line)", LOG_FILE,
+                                   DISTRIBUTION)  # fmt: skip
+                else:
                     # purge_step hides the events an interrupted run wrote past the checkpoint
                     purge = self.resumed_step + 1 if self.resumed_step else None
                     self.writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=purge)

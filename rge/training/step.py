@@ -31,9 +31,10 @@ from ..engine.forward import build_position_ids, forward_prompts
 from ..errors import RGEInputError
 from ..types import KVCache
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
+from .config import DEFAULT_TEMPERATURE
 from .data import BadRow, Side, TrainingDataError, TrainingExample
 from .distributed import world_size
-from .losses import DEFAULT_TEMPERATURE, IGNORE_INDEX, JointLoss, global_count, info_nce, joint_loss
+from .losses import IGNORE_INDEX, JointLoss, global_count, info_nce, joint_loss
 
 Pass = tuple[ModelBatch, torch.Tensor]
 """One forward over a collated batch: its model inputs and LM labels (``IGNORE_INDEX`` where unlabelled)."""

@@ -189,3 +189,18 @@ def test_the_trained_model_and_checkpoints_follow_the_umask(tiny_path, tmp_path,
     modes = file_modes(tmp_path / "out")
     assert {"model.safetensors", "config.json", "checkpoint-1/trainable.safetensors"} <= modes.keys()
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_missing_tensorboard_is_said_once(tiny_path, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as when TensorBoard is not installed
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q {n}", "positive": f"p {n}"}) + "\n" for n in range(4)))
+    config = TrainingConfig(model=str(tiny_path), data=[str(data)], output=str(tmp_path / "out"), max_steps=2,
+                            batch_size=4, max_new_tokens=2, progress=False)  # fmt: skip
+    train(config)
+    said = [record for record in caplog.records if record.name == "rge.training"]
+    assert [record.getMessage() for record in said] == [
+        'TensorBoard is not installed: logging to log.jsonl only (pip install "rge-embeddings[train]" for '
+        "TensorBoard; --no-tensorboard or tensorboard=False hides this line)"
+    ]
+    assert not (tmp_path / "out" / "tensorboard").exists() and (tmp_path / "out" / "log.jsonl").is_file()
