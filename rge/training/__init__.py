@@ -1,11 +1,12 @@
 """Fine-tuning RGE with the paper's joint objective: ``train(TrainingConfig(...))`` or ``rge train``.
 
 The pieces for people who want their own loop: ``read_training_data`` (rows in rge's or MMEB-train's
-layout), ``epoch_plan`` (task-homogeneous batches), ``build_step_batch`` (self-generated rationales and
-the three lists of sequences), ``backward_step`` (the joint loss's backward, GradCache below the batch
-size), and the losses themselves (exact across DDP processes). ``load_training_encoder`` loads an RGE
-checkpoint, or a base Qwen2.5-VL-Instruct one with ``<emb>`` added (``add_emb_token``, ``add_emb_row``);
-``training_precision`` says how the passes compute for a ``--dtype`` and device.
+layout), ``open_mmeb_train`` (a local MMEB-train snapshot, streamed), ``epoch_plan`` (task-homogeneous
+batches), ``build_step_batch`` (self-generated rationales and the three lists of sequences),
+``backward_step`` (the joint loss's backward, GradCache below the batch size), and the losses themselves
+(exact across DDP processes). ``load_training_encoder`` loads an RGE checkpoint, or a base
+Qwen2.5-VL-Instruct one with ``<emb>`` added (``add_emb_token``, ``add_emb_row``); ``training_precision``
+says how the passes compute for a ``--dtype`` and device.
 
 Each name is imported on first use, so that ``TrainingConfig`` (which ``rge train --help`` reads its
 defaults from) comes without torch.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .config import DEFAULT_TEMPERATURE, TrainingConfig
     from .data import Side, TrainingExample, read_training_data
     from .losses import IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
+    from .mmeb_train import MMEBTrainStream, open_mmeb_train
     from .precision import Precision, training_precision
     from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
     from .trainer import Trainer, train
@@ -36,6 +38,7 @@ _MODULES = {
     ".config": ("DEFAULT_TEMPERATURE", "TrainingConfig"),
     ".data": ("Side", "TrainingExample", "read_training_data"),
     ".losses": ("IGNORE_INDEX", "JointLoss", "info_nce", "joint_loss", "language_model_loss"),
+    ".mmeb_train": ("MMEBTrainStream", "open_mmeb_train"),
     ".precision": ("Precision", "training_precision"),
     ".step": ("EmbeddingModule", "StepBatch", "backward_step", "build_step_batch", "collate_pass"),
     ".trainer": ("Trainer", "train"),
@@ -48,6 +51,7 @@ __all__ = [
     "DataPosition",
     "EmbeddingModule",
     "JointLoss",
+    "MMEBTrainStream",
     "Precision",
     "Side",
     "StepBatch",
@@ -69,6 +73,7 @@ __all__ = [
     "joint_loss",
     "language_model_loss",
     "load_training_encoder",
+    "open_mmeb_train",
     "process_slice",
     "query_sequence",
     "read_training_data",

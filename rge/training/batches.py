@@ -10,8 +10,11 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .data import TrainingExample
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ def _cut(members: list[int], size: int) -> list[list[int]]:
     return batches
 
 
-def process_slice(global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+def process_slice(global_batch: Sequence[Item], rank: int, world_size: int) -> list[Item]:
     """This process's contiguous share of a global batch (rank order = the order of the gathered batch)."""
     per_process = len(global_batch) // world_size
     return list(global_batch[rank * per_process : (rank + 1) * per_process])

@@ -15,7 +15,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 DEFAULT_TEMPERATURE = 0.02
 """The InfoNCE temperature of the paper's objective (``rge.training.losses``)."""
 
-PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root")
+PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root", "subsets", "split", "shuffle_buffer")
 """Settings that decide which examples form each step: a resumed run must keep them."""
 
 
@@ -26,8 +26,19 @@ class TrainingConfig:
     model: str
     """An RGE checkpoint, or a base Qwen2.5-VL-Instruct one (``<emb>`` is added: ``base_model.py``)."""
     data: list[str]
+    """JSONL or parquet files, read whole; or one folder, a local MMEB-train snapshot, streamed
+    (``mmeb_train.py``)."""
     output: str
     image_root: str | None = None
+    subsets: list[str] | None = None
+    """The snapshot's subsets (its configs) to train on (None: all)."""
+    split: str = "original"
+    """The snapshot's split (MMEB-train has ``original``, which the authors train on, ``diverse_instruction``
+    and ``train``)."""
+    rationales: str | None = None
+    """A folder of per-subset supervision rationale files joined to the snapshot's rows (``rationales.py``)."""
+    shuffle_buffer: int = 10_000
+    """Rows of each subset a streamed snapshot draws its random order from (its whole subset when larger)."""
     max_steps: int | None = None
     """Stop after this many optimiser steps (default: ``epochs`` passes over the data)."""
     epochs: int = 1
@@ -74,7 +85,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         self.data = [str(path) for path in self.data]
-        for name in ("epochs", "batch_size", "max_new_tokens", "logging_steps", "lora_r"):
+        self.subsets = [str(name) for name in self.subsets] if self.subsets is not None else None
+        for name in ("epochs", "batch_size", "max_new_tokens", "logging_steps", "lora_r", "shuffle_buffer"):
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "micro_batch_size"):
             value = getattr(self, name)
@@ -86,7 +98,7 @@ class TrainingConfig:
         _check(self.max_negatives is None or self.max_negatives >= 0, "max_negatives must be >= 0")
         _check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
-        _check(bool(self.data), "give at least one data file")
+        _check(bool(self.data), "give at least one data file, or a snapshot folder")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
 
     @property
