@@ -27,9 +27,19 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
     default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
-    train.add_argument("--data", nargs="+", required=True, help="JSONL or parquet files (rge or MMEB-train columns)")
+    train.add_argument("--data", nargs="+", required=True,
+                       help="JSONL or parquet files (rge or MMEB-train columns), or one folder: a local MMEB-train "
+                       "snapshot, streamed")  # fmt: skip
     train.add_argument("--output", required=True, help="folder for checkpoints, logs and the trained model")
-    train.add_argument("--image-root", help="folder image paths are relative to (default: each data file's)")
+    train.add_argument("--image-root", help="folder image paths are relative to (default: each data file's, or the "
+                       "snapshot folder)")  # fmt: skip
+    train.add_argument("--subsets", nargs="+", metavar="NAME", help="a snapshot's subsets to train on (default: all)")
+    train.add_argument("--split", default=default["split"], help="a snapshot's split (MMEB-train: original, "
+                       "diverse_instruction, train)")  # fmt: skip
+    train.add_argument("--rationales", metavar="DIR",
+                       help="a snapshot's folder of per-subset rationale files (<Subset>.json or .jsonl)")  # fmt: skip
+    train.add_argument("--shuffle-buffer", type=positive_int, default=default["shuffle_buffer"],
+                       help="rows of each subset a snapshot's random order is drawn from")  # fmt: skip
     add_model_options(train)
     train.set_defaults(batch_size=default["batch_size"], max_new_tokens=default["max_new_tokens"])
     train.add_argument("--max-steps", type=positive_int, help="optimiser steps (default: --epochs over the data)")
@@ -78,14 +88,17 @@ def training_config(args: argparse.Namespace) -> Any:
     check_dtype(args.dtype)
     check_output_folder(Path(args.output))
     for path in args.data:
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise CLIError(f"--data {path!r} does not exist")
     if args.image_root:
         check_input_folder(Path(args.image_root), "--image-root")
+    if args.rationales:
+        check_input_folder(Path(args.rationales), "--rationales")
     extra = {"lora_target_modules": args.lora_target_modules} if args.lora_target_modules else {}
     try:
         return TrainingConfig(
             model=args.model, data=args.data, output=args.output, image_root=args.image_root,
+            subsets=args.subsets, split=args.split, rationales=args.rationales, shuffle_buffer=args.shuffle_buffer,
             max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, learning_rate=args.learning_rate,
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,

@@ -29,8 +29,9 @@ from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
 from .checkpoints import TrainingState, export_model, read_state, restore_checkpoint, save_checkpoint, trainable
 from .config import TrainingConfig
-from .data import TrainingExample, read_training_data, write_bad_rows
+from .data import BadRow, TrainingExample, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
+from .mmeb_train import MMEBTrainStream, read_training_source
 from .outputs import ERROR_FILE, RunLog, check_output, report_skipped
 from .precision import Precision, training_precision
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
@@ -63,14 +64,14 @@ class Trainer:
         created = init_from_environment(device)
         try:
             resume_from = self._check_output(output)
-            examples = self._read_examples(output)
+            examples = self._read_examples(output, resume_from)
             torch.manual_seed(config.seed)  # LoRA's initialisation
             encoder, peft_model = self._load_model(device)
             module = EmbeddingModule(encoder.model)
             wrapped = _distributed(module, device)
             optimizer = torch.optim.AdamW(trainable(module).values(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)  # fmt: skip
-            steps_per_epoch = len(self._plan(examples, epoch=0))
+            steps_per_epoch = self._steps_per_epoch(examples)
             total = config.max_steps or config.epochs * steps_per_epoch
             scheduler = _scheduler(config, optimizer, total)
             self.scaler = precision.scaler()
@@ -97,11 +98,12 @@ class Trainer:
             require_extra("peft", extra="train", needed_by="LoRA training")
         return check_output(output, resume=self.config.resume, overwrite=self.config.overwrite_output_dir)
 
-    def _read_examples(self, output: Path) -> list[TrainingExample]:
+    def _read_examples(self, output: Path, resume_from: Path | None) -> list[TrainingExample] | MMEBTrainStream:
         if self.examples is not None:
             return self.examples
         errors = output / ERROR_FILE if rank() == 0 else None
-        return read_training_data(self.config.data, image_root=self.config.image_root, error_file=errors)
+        resumed = read_state(resume_from).step if resume_from is not None else 0
+        return read_training_source(self.config, error_file=errors, resumed_step=resumed)
 
     def _load_model(self, device: torch.device) -> tuple[RGEEncoder, Any]:
         config = self.config
@@ -123,6 +125,11 @@ class Trainer:
     def _plan(self, examples: list[TrainingExample], epoch: int) -> list[list[int]]:
         config = self.config
         return epoch_plan(examples, self._global_batch(), seed=config.seed, epoch=epoch, mix_tasks=config.mix_tasks)
+
+    def _steps_per_epoch(self, examples: list[TrainingExample] | MMEBTrainStream) -> int:
+        if isinstance(examples, MMEBTrainStream):
+            return examples.batch_count(self._global_batch(), mix_tasks=self.config.mix_tasks)
+        return len(self._plan(examples, epoch=0))
 
     def _global_batch(self) -> int:
         return self.config.batch_size * world_size()
@@ -150,7 +157,7 @@ class Trainer:
         wrapped: torch.nn.Module,
         optimizer: Any,
         scheduler: Any,
-        examples: list[TrainingExample],
+        examples: list[TrainingExample] | MMEBTrainStream,
         state: TrainingState,
         total: int,
     ) -> None:
@@ -168,13 +175,13 @@ class Trainer:
         with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, resumed_step=state.step) as log, \
                 tqdm(total=total, initial=state.step, disable=not shown, desc="training", unit="step") as bar, \
                 logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
-            for position, batch in self._batches(examples, state.position, total - state.step):
+            for position, batch, unusable in self._batches(examples, state.position, total - state.step):
                 started = time.perf_counter()
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                         max_negatives=config.max_negatives)  # fmt: skip
                 generated = time.perf_counter()
-                if step.skipped:  # rows that failed only when prepared (an unreadable image, a long prompt)
-                    self._report_step_skips(step, state.step + 1)
+                if unusable or step.skipped:  # streamed rows it cannot use, rows that fail when prepared
+                    self._report_step_skips([*unusable, *step.skipped], state.step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 with precision.autocast():
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
@@ -196,16 +203,22 @@ class Trainer:
                 if config.save_steps and (state.step % config.save_steps == 0 or state.step == total):
                     save_checkpoint(config.output_dir, module, optimizer, scheduler, state, scaler)
 
-    def _report_step_skips(self, step: StepBatch, number: int) -> None:
+    def _report_step_skips(self, skipped: list[BadRow], number: int) -> None:
         path = self.config.output_dir / ERROR_FILE
-        write_bad_rows(path, [replace(row, step=number) for row in step.skipped], append=True)
-        logger.warning("step %d: %d row%s left out of the batch, listed in %s", number, len(step.skipped),
-                       "" if len(step.skipped) == 1 else "s", path)  # fmt: skip
+        write_bad_rows(path, [replace(row, step=number) for row in skipped], append=True)
+        logger.warning("step %d: %d row%s left out of the batch, listed in %s", number, len(skipped),
+                       "" if len(skipped) == 1 else "s", path)  # fmt: skip
 
     def _batches(
-        self, examples: list[TrainingExample], start: DataPosition, steps: int
-    ) -> Iterator[tuple[DataPosition, list[TrainingExample]]]:
-        """``steps`` batches of this process from ``start``; each with the position after it."""
+        self, examples: list[TrainingExample] | MMEBTrainStream, start: DataPosition, steps: int
+    ) -> Iterator[tuple[DataPosition, list[TrainingExample], list[BadRow]]]:
+        """``steps`` batches of this process from ``start``; each with the position after it and the rows
+        of its share that a stream could not use."""
+        if isinstance(examples, MMEBTrainStream):
+            yield from examples.process_batches(start, steps, global_batch_size=self._global_batch(),
+                                                seed=self.config.seed, mix_tasks=self.config.mix_tasks, rank=rank(),
+                                                world_size=world_size())  # fmt: skip
+            return
         epoch, number = start.epoch, start.batch
         plan = self._plan(examples, epoch)
         for _ in range(steps):
@@ -214,7 +227,7 @@ class Trainer:
                 plan = self._plan(examples, epoch)
             indices = process_slice(plan[number], rank(), world_size())
             number += 1
-            yield DataPosition(epoch, number), [examples[index] for index in indices]
+            yield DataPosition(epoch, number), [examples[index] for index in indices], []
 
 
 def _process_device(device: str | None) -> torch.device:
