@@ -68,6 +68,10 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite-output-dir", action="store_true",
                        help="start afresh in an --output an earlier run trained into")  # fmt: skip
     train.add_argument("--no-tensorboard", action="store_true", help="log to log.jsonl only")
+    train.add_argument("--eval-data", nargs="+", default=[], metavar="FILE",
+                       help="held-out rows (as --data): Recall@1, NDCG@10, rationale lengths")  # fmt: skip
+    train.add_argument("--eval-steps", type=int, default=default["eval_steps"], metavar="N",
+                       help="evaluate on --eval-data every N steps and at the last (0: at the last only)")  # fmt: skip
 
 
 def training_config(args: argparse.Namespace) -> Any:
@@ -77,9 +81,10 @@ def training_config(args: argparse.Namespace) -> Any:
     check_device(args.device)
     check_dtype(args.dtype)
     check_output_folder(Path(args.output))
-    for path in args.data:
-        if not Path(path).is_file():
-            raise CLIError(f"--data {path!r} does not exist")
+    for option, paths in (("--data", args.data), ("--eval-data", args.eval_data)):
+        for path in paths:
+            if not Path(path).is_file():
+                raise CLIError(f"{option} {path!r} does not exist")
     if args.image_root:
         check_input_folder(Path(args.image_root), "--image-root")
     extra = {"lora_target_modules": args.lora_target_modules} if args.lora_target_modules else {}
@@ -96,7 +101,8 @@ def training_config(args: argparse.Namespace) -> Any:
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
             overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard, **extra,
+            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
+            eval_data=args.eval_data, eval_steps=args.eval_steps, **extra,
         )  # fmt: skip
     except ValueError as error:
         raise CLIError(str(error)) from None

@@ -18,6 +18,13 @@ DEFAULT_TEMPERATURE = 0.02
 PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root")
 """Settings that decide which examples form each step: a resumed run must keep them."""
 
+EVAL_METRICS = (
+    "eval/recall@1_reasoning", "eval/ndcg@10_reasoning", "eval/recall@1_no_reasoning", "eval/ndcg@10_no_reasoning",
+    "eval/rationale_tokens_mean", "eval/rationale_tokens_median", "eval/rationale_tokens_p10",
+    "eval/rationale_tokens_p90", "eval/emb_only_share",
+)  # fmt: skip
+"""What an evaluation on ``eval_data`` measures (``evaluation.py``)."""
+
 
 @dataclass
 class TrainingConfig:
@@ -71,6 +78,10 @@ class TrainingConfig:
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
     progress: bool = True
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out rows (the layouts of ``data``): retrieval metrics and rationale lengths at each evaluation."""
+    eval_steps: int = 0
+    """Evaluate on ``eval_data`` every this many steps, and at the last step (0: at the last step only)."""
 
     def __post_init__(self) -> None:
         self.data = [str(path) for path in self.data]
@@ -88,6 +99,12 @@ class TrainingConfig:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(bool(self.data), "give at least one data file")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
+        self.eval_data = [str(path) for path in self.eval_data]
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
+        _check(bool(self.eval_data) or not self.eval_steps, "eval_steps needs eval_data")
 
     @property
     def output_dir(self) -> Path:

@@ -74,7 +74,8 @@ def report_skipped(output: Path) -> None:
 
 
 class RunLog:
-    """``log.jsonl`` (one line per logged step) and, when installed, TensorBoard, on the main process.
+    """``log.jsonl`` (one line per logged step, and one per evaluation) and, when installed, TensorBoard, on the
+    main process.
 
     A resumed run first drops what the log holds past its checkpoint (steps an interrupted run logged
     but did not save), so the steps of ``log.jsonl`` always increase.
@@ -93,26 +94,42 @@ class RunLog:
                         if line and json.loads(line)["step"] <= self.resumed_step]  # fmt: skip
                 self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             if self.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    logger.warning('TensorBoard is not installed: logging to %s only (pip install "%s[train]" for '
-                                   "TensorBoard; --no-tensorboard or tensorboard=False hides this line)", LOG_FILE,
-                                   DISTRIBUTION)  # fmt: skip
-                else:
-                    # purge_step hides the events an interrupted run wrote past the checkpoint
-                    purge = self.resumed_step + 1 if self.resumed_step else None
-                    self.writer = SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=purge)
+                self.writer = self._tensorboard()
         return self
 
+    def _tensorboard(self) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning('TensorBoard is not installed: logging to %s only (pip install "%s[train]" for '
+                           "TensorBoard; --no-tensorboard or tensorboard=False hides this line)", LOG_FILE,
+                           DISTRIBUTION)  # fmt: skip
+            return None
+        # purge_step hides the events an interrupted run wrote past the checkpoint
+        purge = self.resumed_step + 1 if self.resumed_step else None
+        return SummaryWriter(str(self.path.parent / TENSORBOARD_DIR), purge_step=purge)
+
     def write(self, state: TrainingState, values: dict[str, float], facts: dict[str, Any]) -> None:
-        record = {"step": state.step, "epoch": state.position.epoch, **values, **facts}
+        """A training step's line; TensorBoard gets its numbers as ``train/NAME``."""
+        record = self._line(state, {**values, **facts})
+        self._scalars(state, {f"train/{name}": value for name, value in record.items() if name != "step"})
+
+    def write_eval(self, state: TrainingState, metrics: dict[str, float]) -> None:
+        """An evaluation's line (its ``eval/...`` metrics, no ``loss``); TensorBoard gets them as named."""
+        self._line(state, metrics)
+        self._scalars(state, metrics)
+
+    def _line(self, state: TrainingState, values: dict[str, Any]) -> dict[str, Any]:
+        record = {"step": state.step, "epoch": state.position.epoch, **values}
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        return record
+
+    def _scalars(self, state: TrainingState, values: dict[str, Any]) -> None:
+        numbers = {name: value for name, value in values.items() if isinstance(value, (int, float))}
         if self.writer is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{name}", value, state.step)
+            for name, value in numbers.items():
+                self.writer.add_scalar(name, value, state.step)
 
     def __exit__(self, *exc: object) -> None:
         if self.writer is not None:

@@ -3,8 +3,10 @@
 Each step: this process's share of a global batch (``batches.py``), the rationales the model generates
 for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
 the optimiser and scheduler steps, a log line, and every ``save_steps`` (and at the last step) a
-resumable checkpoint. At the end the model (LoRA merged) is saved to the output folder as a checkpoint
-``RGEEncoder`` loads; a base Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
+resumable checkpoint. With ``eval_data``, every ``eval_steps`` (and at the last step) the main process
+evaluates held-out retrieval and the rationale lengths (``evaluation.py``) while the others wait. At the
+end the model (LoRA merged) is saved to the output folder as a checkpoint ``RGEEncoder`` loads; a base
+Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .checkpoints import TrainingState, export_model, read_state, restore_checkp
 from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
+from .evaluation import evaluate_retrieval, warn_if_collapsed
 from .outputs import ERROR_FILE, RunLog, check_output, report_skipped
 from .precision import Precision, training_precision
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
@@ -55,6 +58,8 @@ class Trainer:
         self.precision: Precision | None = None
         self.scaler: torch.amp.GradScaler | None = None
         """The gradient scaler: enabled for float16 (on CUDA), a pass-through otherwise."""
+        self.eval_examples: list[TrainingExample] = []
+        """The held-out rows (read on the main process only, which evaluates)."""
 
     def train(self) -> Path:
         config, output = self.config, self.config.output_dir
@@ -64,6 +69,8 @@ class Trainer:
         try:
             resume_from = self._check_output(output)
             examples = self._read_examples(output)
+            if config.eval_data and rank() == 0:
+                self.eval_examples = read_training_data(config.eval_data, image_root=config.image_root)
             torch.manual_seed(config.seed)  # LoRA's initialisation
             encoder, peft_model = self._load_model(device)
             module = EmbeddingModule(encoder.model)
@@ -193,8 +200,22 @@ class Trainer:
                     log.write(state, values, facts if scale is None else {**facts, "loss_scale": scale})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
                 bar.update(1)
-                if config.save_steps and (state.step % config.save_steps == 0 or state.step == total):
-                    save_checkpoint(config.output_dir, module, optimizer, scheduler, state, scaler)
+                self._evaluate_and_save(state, state.step == total, log, module, optimizer, scheduler)
+
+    def _evaluate_and_save(
+        self, state: TrainingState, last: bool, log: RunLog, module: torch.nn.Module, optimizer: Any, scheduler: Any
+    ) -> None:
+        """At an evaluation step, the main process evaluates while the others wait; at a save step, a checkpoint."""
+        config = self.config
+        if config.eval_data and (last or (config.eval_steps and state.step % config.eval_steps == 0)):
+            if rank() == 0:
+                assert self.encoder is not None
+                metrics = evaluate_retrieval(self.encoder, self.eval_examples, batch_size=config.batch_size)
+                log.write_eval(state, metrics)
+                warn_if_collapsed(metrics, state.step)
+            barrier()
+        if config.save_steps and (last or state.step % config.save_steps == 0):
+            save_checkpoint(config.output_dir, module, optimizer, scheduler, state, self.scaler)
 
     def _report_step_skips(self, step: StepBatch, number: int) -> None:
         path = self.config.output_dir / ERROR_FILE
