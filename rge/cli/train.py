@@ -23,7 +23,7 @@ from .options import (
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    from ..training.config import SCHEDULERS, TrainingConfig
+    from ..training.config import REPORTERS, SCHEDULERS, TrainingConfig
 
     default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
@@ -72,6 +72,9 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="held-out rows (as --data): Recall@1, NDCG@10, rationale lengths")  # fmt: skip
     train.add_argument("--eval-steps", type=int, default=default["eval_steps"], metavar="N",
                        help="evaluate on --eval-data every N steps and at the last (0: at the last only)")  # fmt: skip
+    train.add_argument("--report-to", nargs="+", choices=REPORTERS, metavar="NAME",
+                       help=f"where the log goes besides log.jsonl: {', '.join(REPORTERS)} (default: tensorboard "
+                       "when installed)")  # fmt: skip
 
 
 def training_config(args: argparse.Namespace) -> Any:
@@ -102,7 +105,7 @@ def training_config(args: argparse.Namespace) -> Any:
             overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
-            eval_data=args.eval_data, eval_steps=args.eval_steps, **extra,
+            eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to, **extra,
         )  # fmt: skip
     except ValueError as error:
         raise CLIError(str(error)) from None

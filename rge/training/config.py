@@ -18,6 +18,9 @@ DEFAULT_TEMPERATURE = 0.02
 PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root")
 """Settings that decide which examples form each step: a resumed run must keep them."""
 
+REPORTERS = ("none", "tensorboard", "wandb")
+"""Where ``report_to`` may send the log besides ``log.jsonl`` ("none": nowhere else)."""
+
 EVAL_METRICS = (
     "eval/recall@1_reasoning", "eval/ndcg@10_reasoning", "eval/recall@1_no_reasoning", "eval/ndcg@10_no_reasoning",
     "eval/rationale_tokens_mean", "eval/rationale_tokens_median", "eval/rationale_tokens_p10",
@@ -76,12 +79,15 @@ class TrainingConfig:
     max_pixels: int | None = None
     repetition_penalty: float | None = None
     tensorboard: bool = True
-    """Also log to TensorBoard when it is installed."""
+    """Also log to TensorBoard when it is installed; False leaves it out (as ``--no-tensorboard``)."""
     progress: bool = True
     eval_data: list[str] = field(default_factory=list)
     """Held-out rows (the layouts of ``data``): retrieval metrics and rationale lengths at each evaluation."""
     eval_steps: int = 0
     """Evaluate on ``eval_data`` every this many steps, and at the last step (0: at the last step only)."""
+    report_to: list[str] | None = None
+    """Where the log goes besides ``log.jsonl``: ``REPORTERS`` (each must be installed); None: TensorBoard when
+    it is installed (unless ``tensorboard`` is False)."""
 
     def __post_init__(self) -> None:
         self.data = [str(path) for path in self.data]
@@ -100,7 +106,19 @@ class TrainingConfig:
         _check(bool(self.data), "give at least one data file")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
         self.eval_data = [str(path) for path in self.eval_data]
+        self._check_reporting()
         self._check_evaluation()
+
+    def _check_reporting(self) -> None:
+        if self.report_to is None:
+            return
+        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        _check(not unknown, f"report_to: unknown {', '.join(unknown)}; use {', '.join(REPORTERS)}")
+        _check("none" not in self.report_to or len(set(self.report_to)) == 1, "report_to: none goes alone")
+        _check(self.tensorboard or "tensorboard" not in self.report_to,
+               "tensorboard=False (--no-tensorboard) and report_to tensorboard contradict each other")  # fmt: skip
+        self.report_to = [name for name in dict.fromkeys(self.report_to) if name != "none"]
+        self.tensorboard = "tensorboard" in self.report_to
 
     def _check_evaluation(self) -> None:
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")

@@ -34,7 +34,7 @@ from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .evaluation import evaluate_retrieval, warn_if_collapsed
-from .outputs import ERROR_FILE, RunLog, check_output, report_skipped
+from .outputs import ERROR_FILE, RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
@@ -102,6 +102,7 @@ class Trainer:
     def _check_output(self, output: Path) -> Path | None:
         if self.config.lora:  # before the model is loaded
             require_extra("peft", extra="train", needed_by="LoRA training")
+        require_reporters(self.config.report_to)
         return check_output(output, resume=self.config.resume, overwrite=self.config.overwrite_output_dir)
 
     def _read_examples(self, output: Path) -> list[TrainingExample]:
@@ -172,7 +173,8 @@ class Trainer:
             scaler.scale(value).backward()
 
         shown = main and config.progress
-        with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, resumed_step=state.step) as log, \
+        with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, report_to=config.report_to,
+                    resumed_step=state.step, settings=self._settings()) as log, \
                 tqdm(total=total, initial=state.step, disable=not shown, desc="training", unit="step") as bar, \
                 logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
             for position, batch in self._batches(examples, state.position, total - state.step):
