@@ -23,7 +23,7 @@ from .options import (
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    from ..training.config import REPORTERS, SCHEDULERS, TrainingConfig
+    from ..training.config import EVAL_METRICS, REPORTERS, SCHEDULERS, TrainingConfig
 
     default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
@@ -75,6 +75,15 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--report-to", nargs="+", choices=REPORTERS, metavar="NAME",
                        help=f"where the log goes besides log.jsonl: {', '.join(REPORTERS)} (default: tensorboard "
                        "when installed)")  # fmt: skip
+    train.add_argument("--save-total-limit", type=positive_int, metavar="N",
+                       help="keep the newest N checkpoints, and the best one (default: all)")  # fmt: skip
+    train.add_argument("--metric-for-best-model", choices=EVAL_METRICS, metavar="NAME",
+                       help="keep and record the checkpoint that scores best on this eval metric (eval/recall@1_"
+                       "reasoning, ...: docs/training.md)")  # fmt: skip
+    train.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction,
+                       help="for --metric-for-best-model (default: yes, except for eval/emb_only_share)")  # fmt: skip
+    train.add_argument("--load-best-model-at-end", action="store_true",
+                       help="save the best checkpoint's weights as the trained model")  # fmt: skip
 
 
 def training_config(args: argparse.Namespace) -> Any:
@@ -105,7 +114,9 @@ def training_config(args: argparse.Namespace) -> Any:
             overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
             repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
-            eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to, **extra,
+            eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to,
+            save_total_limit=args.save_total_limit, metric_for_best_model=args.metric_for_best_model,
+            greater_is_better=args.greater_is_better, load_best_model_at_end=args.load_best_model_at_end, **extra,
         )  # fmt: skip
     except ValueError as error:
         raise CLIError(str(error)) from None

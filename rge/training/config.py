@@ -26,7 +26,10 @@ EVAL_METRICS = (
     "eval/rationale_tokens_mean", "eval/rationale_tokens_median", "eval/rationale_tokens_p10",
     "eval/rationale_tokens_p90", "eval/emb_only_share",
 )  # fmt: skip
-"""What an evaluation on ``eval_data`` measures (``evaluation.py``)."""
+"""What an evaluation on ``eval_data`` measures (``evaluation.py``); ``metric_for_best_model`` names one."""
+
+LOWER_IS_BETTER = ("eval/emb_only_share",)
+"""Metrics where less is better, like a loss (the share of rationales collapsed to ``<emb>`` alone)."""
 
 
 @dataclass
@@ -88,6 +91,14 @@ class TrainingConfig:
     report_to: list[str] | None = None
     """Where the log goes besides ``log.jsonl``: ``REPORTERS`` (each must be installed); None: TensorBoard when
     it is installed (unless ``tensorboard`` is False)."""
+    save_total_limit: int | None = None
+    """Keep the newest this many checkpoints (and the best one, and the one the run resumed from)."""
+    metric_for_best_model: str | None = None
+    """An ``EVAL_METRICS`` name: the checkpoint that scores best on it is kept and recorded."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better (None: unless it is in ``LOWER_IS_BETTER``)."""
+    load_best_model_at_end: bool = False
+    """Save the best checkpoint's weights as the trained model, instead of the last step's."""
 
     def __post_init__(self) -> None:
         self.data = [str(path) for path in self.data]
@@ -123,6 +134,19 @@ class TrainingConfig:
     def _check_evaluation(self) -> None:
         _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         _check(bool(self.eval_data) or not self.eval_steps, "eval_steps needs eval_data")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be at least 1")
+        _check(self.metric_for_best_model is not None or not self.load_best_model_at_end,
+               "load_best_model_at_end needs metric_for_best_model")  # fmt: skip
+        metric = self.metric_for_best_model
+        if metric is None:
+            return
+        _check(metric in EVAL_METRICS, f"metric_for_best_model: {metric!r} is not one of {', '.join(EVAL_METRICS)}")
+        _check(bool(self.eval_data), "metric_for_best_model needs eval_data")
+        _check(self.save_steps > 0 and self.eval_steps > 0 and self.save_steps % self.eval_steps == 0,
+               "metric_for_best_model needs checkpoints that were evaluated: save_steps a multiple of eval_steps "
+               "(both > 0)")  # fmt: skip
+        if self.greater_is_better is None:
+            self.greater_is_better = metric not in LOWER_IS_BETTER
 
     @property
     def output_dir(self) -> Path:

@@ -13,6 +13,7 @@ from .._about import DISTRIBUTION
 from ..errors import TrainingSetupError, require_extra
 from .checkpoints import TrainingState, latest_checkpoint
 from .distributed import barrier, rank
+from .retention import TRAINER_STATE_FILE
 
 LOG_FILE = "log.jsonl"
 ERROR_FILE = "errors.jsonl"
@@ -64,6 +65,7 @@ def _clear_earlier_run(output: Path) -> None:
         if checkpoint.is_dir():
             shutil.rmtree(checkpoint)
     (output / LOG_FILE).unlink(missing_ok=True)
+    (output / TRAINER_STATE_FILE).unlink(missing_ok=True)
     shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
 
 

@@ -4,9 +4,10 @@ Each step: this process's share of a global batch (``batches.py``), the rational
 for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
 the optimiser and scheduler steps, a log line, and every ``save_steps`` (and at the last step) a
 resumable checkpoint. With ``eval_data``, every ``eval_steps`` (and at the last step) the main process
-evaluates held-out retrieval and the rationale lengths (``evaluation.py``) while the others wait. At the
-end the model (LoRA merged) is saved to the output folder as a checkpoint ``RGEEncoder`` loads; a base
-Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
+evaluates held-out retrieval and the rationale lengths (``evaluation.py``) while the others wait; saved
+checkpoints are then limited and the best one kept (``retention.py``). At the end the model (LoRA merged;
+the best checkpoint's with ``load_best_model_at_end``) is saved to the output folder as a checkpoint
+``RGEEncoder`` loads; a base Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +30,22 @@ from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device
 from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
-from .checkpoints import TrainingState, export_model, read_state, restore_checkpoint, save_checkpoint, trainable
+from .checkpoints import (
+    TrainingState,
+    export_model,
+    read_state,
+    restore_checkpoint,
+    restore_weights,
+    save_checkpoint,
+    trainable,
+)
 from .config import TrainingConfig
 from .data import TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .evaluation import evaluate_retrieval, warn_if_collapsed
 from .outputs import ERROR_FILE, RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
+from .retention import best_checkpoint, keep_checkpoints
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 logger = logging.getLogger("rge.training")
@@ -60,6 +70,7 @@ class Trainer:
         """The gradient scaler: enabled for float16 (on CUDA), a pass-through otherwise."""
         self.eval_examples: list[TrainingExample] = []
         """The held-out rows (read on the main process only, which evaluates)."""
+        self.resumed_from: Path | None = None
 
     def train(self) -> Path:
         config, output = self.config, self.config.output_dir
@@ -67,7 +78,7 @@ class Trainer:
         self.precision = precision = training_precision(config.dtype, device)
         created = init_from_environment(device)
         try:
-            resume_from = self._check_output(output)
+            self.resumed_from = resume_from = self._check_output(output)
             examples = self._read_examples(output)
             if config.eval_data and rank() == 0:
                 self.eval_examples = read_training_data(config.eval_data, image_root=config.image_root)
@@ -86,6 +97,8 @@ class Trainer:
                 state = self._resume(resume_from, module, optimizer, scheduler)
             self._loop(encoder, module, wrapped, optimizer, scheduler, examples, state, total)
             if rank() == 0:
+                if config.load_best_model_at_end:
+                    self._load_best(module)
                 if config.gradient_checkpointing:
                     _checkpointing(encoder.model, enable=False)
                 tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
@@ -207,8 +220,10 @@ class Trainer:
     def _evaluate_and_save(
         self, state: TrainingState, last: bool, log: RunLog, module: torch.nn.Module, optimizer: Any, scheduler: Any
     ) -> None:
-        """At an evaluation step, the main process evaluates while the others wait; at a save step, a checkpoint."""
+        """At an evaluation step, the main process evaluates while the others wait; at a save step, a checkpoint
+        (with that evaluation's metrics), then the checkpoints past the limit go and the best is recorded."""
         config = self.config
+        metrics: dict[str, float] = {}
         if config.eval_data and (last or (config.eval_steps and state.step % config.eval_steps == 0)):
             if rank() == 0:
                 assert self.encoder is not None
@@ -217,7 +232,22 @@ class Trainer:
                 warn_if_collapsed(metrics, state.step)
             barrier()
         if config.save_steps and (last or state.step % config.save_steps == 0):
-            save_checkpoint(config.output_dir, module, optimizer, scheduler, state, self.scaler)
+            evaluated = replace(state, metrics=metrics)
+            save_checkpoint(config.output_dir, module, optimizer, scheduler, evaluated, self.scaler)
+            if rank() == 0:
+                keep_checkpoints(config.output_dir, config, self.resumed_from)
+
+    def _load_best(self, module: torch.nn.Module) -> None:
+        """The best checkpoint's weights into ``module`` (``load_best_model_at_end``)."""
+        config = self.config
+        assert config.metric_for_best_model is not None
+        best = best_checkpoint(config.output_dir, config.metric_for_best_model,
+                               greater_is_better=bool(config.greater_is_better))  # fmt: skip
+        if best is None:
+            logger.warning("no evaluated checkpoint to load: the model of the last step is saved")
+            return
+        restore_weights(best.path, module)
+        logger.info("the trained model is %s's (%s %g)", best.path.name, config.metric_for_best_model, best.value)
 
     def _report_step_skips(self, step: StepBatch, number: int) -> None:
         path = self.config.output_dir / ERROR_FILE
