@@ -23,7 +23,7 @@ from .options import (
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    from ..training.config import SCHEDULERS, TrainingConfig
+    from ..training.config import EVAL_METRICS, REPORTERS, SCHEDULERS, TrainingConfig
 
     default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
@@ -78,6 +78,22 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite-output-dir", action="store_true",
                        help="start afresh in an --output an earlier run trained into")  # fmt: skip
     train.add_argument("--no-tensorboard", action="store_true", help="log to log.jsonl only")
+    train.add_argument("--eval-data", nargs="+", default=[], metavar="FILE",
+                       help="held-out rows (as --data): Recall@1, NDCG@10, rationale lengths")  # fmt: skip
+    train.add_argument("--eval-steps", type=int, default=default["eval_steps"], metavar="N",
+                       help="evaluate on --eval-data every N steps and at the last (0: at the last only)")  # fmt: skip
+    train.add_argument("--report-to", nargs="+", choices=REPORTERS, metavar="NAME",
+                       help=f"where the log goes besides log.jsonl: {', '.join(REPORTERS)} (default: tensorboard "
+                       "when installed)")  # fmt: skip
+    train.add_argument("--save-total-limit", type=positive_int, metavar="N",
+                       help="keep the newest N checkpoints, and the best one (default: all)")  # fmt: skip
+    train.add_argument("--metric-for-best-model", choices=EVAL_METRICS, metavar="NAME",
+                       help="keep and record the checkpoint that scores best on this eval metric (eval/recall@1_"
+                       "reasoning, ...: docs/training.md)")  # fmt: skip
+    train.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction,
+                       help="for --metric-for-best-model (default: yes, except for eval/emb_only_share)")  # fmt: skip
+    train.add_argument("--load-best-model-at-end", action="store_true",
+                       help="save the best checkpoint's weights as the trained model")  # fmt: skip
 
 
 def training_config(args: argparse.Namespace) -> Any:
@@ -90,6 +106,9 @@ def training_config(args: argparse.Namespace) -> Any:
     for path in args.data:
         if not Path(path).exists():
             raise CLIError(f"--data {path!r} does not exist")
+    for path in args.eval_data:
+        if not Path(path).is_file():
+            raise CLIError(f"--eval-data {path!r} does not exist")
     if args.image_root:
         check_input_folder(Path(args.image_root), "--image-root")
     if args.rationales:
@@ -109,7 +128,10 @@ def training_config(args: argparse.Namespace) -> Any:
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
             overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard, **extra,
+            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
+            eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to,
+            save_total_limit=args.save_total_limit, metric_for_best_model=args.metric_for_best_model,
+            greater_is_better=args.greater_is_better, load_best_model_at_end=args.load_best_model_at_end, **extra,
         )  # fmt: skip
     except ValueError as error:
         raise CLIError(str(error)) from None

@@ -6,7 +6,8 @@ batches), ``build_step_batch`` (self-generated rationales and the three lists of
 ``backward_step`` (the joint loss's backward, GradCache below the batch size), and the losses themselves
 (exact across DDP processes). ``load_training_encoder`` loads an RGE checkpoint, or a base
 Qwen2.5-VL-Instruct one with ``<emb>`` added (``add_emb_token``, ``add_emb_row``); ``training_precision``
-says how the passes compute for a ``--dtype`` and device.
+says how the passes compute for a ``--dtype`` and device; ``evaluate_retrieval`` is
+the held-out evaluation ``--eval-data`` runs (Recall@1, NDCG@10 with and without reasoning, rationale lengths).
 
 Each name is imported on first use, so that ``TrainingConfig`` (which ``rge train --help`` reads its
 defaults from) comes without torch.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence
     from .config import DEFAULT_TEMPERATURE, TrainingConfig
     from .data import Side, TrainingExample, read_training_data
+    from .evaluation import evaluate_retrieval
     from .losses import IGNORE_INDEX, JointLoss, info_nce, joint_loss, language_model_loss
     from .mmeb_train import MMEBTrainStream, open_mmeb_train
     from .precision import Precision, training_precision
@@ -37,6 +39,7 @@ _MODULES = {
     ".collation": ("TrainingSequence", "candidate_sequence", "collate_training", "query_sequence"),
     ".config": ("DEFAULT_TEMPERATURE", "TrainingConfig"),
     ".data": ("Side", "TrainingExample", "read_training_data"),
+    ".evaluation": ("evaluate_retrieval",),
     ".losses": ("IGNORE_INDEX", "JointLoss", "info_nce", "joint_loss", "language_model_loss"),
     ".mmeb_train": ("MMEBTrainStream", "open_mmeb_train"),
     ".precision": ("Precision", "training_precision"),
@@ -69,6 +72,7 @@ __all__ = [
     "collate_pass",
     "collate_training",
     "epoch_plan",
+    "evaluate_retrieval",
     "info_nce",
     "joint_loss",
     "language_model_loss",

@@ -2,8 +2,9 @@
 
 ``OUTPUT/checkpoint-STEP/`` holds the trainable weights (every weight in full fine-tuning, the adapter
 in LoRA), the optimiser and scheduler states (and the float16 gradient scaler's), each process's RNG
-states, and ``state.json`` (step, data position, settings). A checkpoint is written under a temporary
-name and renamed when complete, so a crash while saving leaves the previous one as the latest.
+states, and ``state.json`` (step, data position, settings, and the metrics of an evaluation at that
+step). A checkpoint is written under a temporary name and renamed when complete, so a crash while
+saving leaves the previous one as the latest.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +36,25 @@ class TrainingState:
     step: int
     position: DataPosition
     settings: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The evaluation at this step (``eval/...``; empty when there was none)."""
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
     return output / f"checkpoint-{step}"
 
 
-def latest_checkpoint(output: Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``output``, or None."""
+def complete_checkpoints(output: Path) -> list[Path]:
+    """The complete checkpoints under ``output``, oldest (lowest step) first."""
     found = [path for path in output.glob("checkpoint-*") if (path / STATE_FILE).is_file()]
     found = [path for path in found if path.name.removeprefix("checkpoint-").isdigit()]
-    return max(found, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
+    return sorted(found, key=lambda path: int(path.name.removeprefix("checkpoint-")))
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``output``, or None."""
+    found = complete_checkpoints(output)
+    return found[-1] if found else None
 
 
 def save_checkpoint(
@@ -69,7 +78,8 @@ def save_checkpoint(
     barrier()
     if rank() == 0:
         position = {"epoch": state.position.epoch, "batch": state.position.batch}
-        atomic_write_json(partial / STATE_FILE, {"step": state.step, **position, "settings": state.settings})
+        saved = {"step": state.step, **position, "settings": state.settings}
+        atomic_write_json(partial / STATE_FILE, {**saved, "metrics": state.metrics} if state.metrics else saved)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     barrier()
@@ -77,23 +87,17 @@ def save_checkpoint(
 
 
 def read_state(path: Path) -> TrainingState:
-    """A checkpoint's step, data position and the settings it was written with."""
+    """A checkpoint's step, data position, the settings it was written with and its evaluation's metrics."""
     saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    return TrainingState(saved["step"], DataPosition(saved["epoch"], saved["batch"]), saved["settings"])
+    position = DataPosition(saved["epoch"], saved["batch"])
+    return TrainingState(saved["step"], position, saved["settings"], saved.get("metrics", {}))
 
 
 def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, scaler: Any = None) -> None:
     """Put what ``save_checkpoint`` wrote back into ``model``, ``optimizer``, ``scheduler``, ``scaler`` (when
     the checkpoint has its state) and the RNGs."""
-    weights = load_file(path / WEIGHTS_FILE)
-    parameters = trainable(model)
-    if set(weights) != set(parameters):
-        differ = sorted(set(weights) ^ set(parameters))[:4]
-        raise ValueError(f"{path} was saved for other trainable weights (LoRA settings changed?): {differ}")
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            parameter.copy_(weights[name])
-    device = next(iter(parameters.values())).device
+    restore_weights(path, model)
+    device = next(iter(trainable(model).values())).device
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and scaler.is_enabled() and (path / SCALER_FILE).is_file():
@@ -102,6 +106,18 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, sched
     if not rng_file.is_file():
         raise ValueError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
     _restore_rng(torch.load(rng_file, weights_only=False))
+
+
+def restore_weights(path: Path, model: torch.nn.Module) -> None:
+    """Put a checkpoint's trainable weights back into ``model`` (ValueError: saved for other trainable weights)."""
+    weights = load_file(path / WEIGHTS_FILE)
+    parameters = trainable(model)
+    if set(weights) != set(parameters):
+        differ = sorted(set(weights) ^ set(parameters))[:4]
+        raise ValueError(f"{path} was saved for other trainable weights (LoRA settings changed?): {differ}")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(weights[name])
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

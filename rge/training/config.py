@@ -18,6 +18,19 @@ DEFAULT_TEMPERATURE = 0.02
 PLAN_FIELDS = ("data", "batch_size", "seed", "mix_tasks", "image_root", "subsets", "split", "shuffle_buffer")
 """Settings that decide which examples form each step: a resumed run must keep them."""
 
+REPORTERS = ("none", "tensorboard", "wandb")
+"""Where ``report_to`` may send the log besides ``log.jsonl`` ("none": nowhere else)."""
+
+EVAL_METRICS = (
+    "eval/recall@1_reasoning", "eval/ndcg@10_reasoning", "eval/recall@1_no_reasoning", "eval/ndcg@10_no_reasoning",
+    "eval/rationale_tokens_mean", "eval/rationale_tokens_median", "eval/rationale_tokens_p10",
+    "eval/rationale_tokens_p90", "eval/emb_only_share",
+)  # fmt: skip
+"""What an evaluation on ``eval_data`` measures (``evaluation.py``); ``metric_for_best_model`` names one."""
+
+LOWER_IS_BETTER = ("eval/emb_only_share",)
+"""Metrics where less is better, like a loss (the share of rationales collapsed to ``<emb>`` alone)."""
+
 
 @dataclass
 class TrainingConfig:
@@ -80,8 +93,23 @@ class TrainingConfig:
     max_pixels: int | None = None
     repetition_penalty: float | None = None
     tensorboard: bool = True
-    """Also log to TensorBoard when it is installed."""
+    """Also log to TensorBoard when it is installed; False leaves it out (as ``--no-tensorboard``)."""
     progress: bool = True
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out rows (the layouts of ``data``): retrieval metrics and rationale lengths at each evaluation."""
+    eval_steps: int = 0
+    """Evaluate on ``eval_data`` every this many steps, and at the last step (0: at the last step only)."""
+    report_to: list[str] | None = None
+    """Where the log goes besides ``log.jsonl``: ``REPORTERS`` (each must be installed); None: TensorBoard when
+    it is installed (unless ``tensorboard`` is False)."""
+    save_total_limit: int | None = None
+    """Keep the newest this many checkpoints (and the best one, and the one the run resumed from)."""
+    metric_for_best_model: str | None = None
+    """An ``EVAL_METRICS`` name: the checkpoint that scores best on it is kept and recorded."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better (None: unless it is in ``LOWER_IS_BETTER``)."""
+    load_best_model_at_end: bool = False
+    """Save the best checkpoint's weights as the trained model, instead of the last step's."""
 
     def __post_init__(self) -> None:
         self.data = [str(path) for path in self.data]
@@ -100,6 +128,37 @@ class TrainingConfig:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(bool(self.data), "give at least one data file, or a snapshot folder")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
+        self.eval_data = [str(path) for path in self.eval_data]
+        self._check_reporting()
+        self._check_evaluation()
+
+    def _check_reporting(self) -> None:
+        if self.report_to is None:
+            return
+        unknown = sorted(set(self.report_to) - set(REPORTERS))
+        _check(not unknown, f"report_to: unknown {', '.join(unknown)}; use {', '.join(REPORTERS)}")
+        _check("none" not in self.report_to or len(set(self.report_to)) == 1, "report_to: none goes alone")
+        _check(self.tensorboard or "tensorboard" not in self.report_to,
+               "tensorboard=False (--no-tensorboard) and report_to tensorboard contradict each other")  # fmt: skip
+        self.report_to = [name for name in dict.fromkeys(self.report_to) if name != "none"]
+        self.tensorboard = "tensorboard" in self.report_to
+
+    def _check_evaluation(self) -> None:
+        _check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
+        _check(bool(self.eval_data) or not self.eval_steps, "eval_steps needs eval_data")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1, "save_total_limit must be at least 1")
+        _check(self.metric_for_best_model is not None or not self.load_best_model_at_end,
+               "load_best_model_at_end needs metric_for_best_model")  # fmt: skip
+        metric = self.metric_for_best_model
+        if metric is None:
+            return
+        _check(metric in EVAL_METRICS, f"metric_for_best_model: {metric!r} is not one of {', '.join(EVAL_METRICS)}")
+        _check(bool(self.eval_data), "metric_for_best_model needs eval_data")
+        _check(self.save_steps > 0 and self.eval_steps > 0 and self.save_steps % self.eval_steps == 0,
+               "metric_for_best_model needs checkpoints that were evaluated: save_steps a multiple of eval_steps "
+               "(both > 0)")  # fmt: skip
+        if self.greater_is_better is None:
+            self.greater_is_better = metric not in LOWER_IS_BETTER
 
     @property
     def output_dir(self) -> Path:

@@ -3,7 +3,10 @@
 Each step: this process's share of a global batch (``batches.py``), the rationales the model generates
 for its queries now, the joint loss's backward (``step.py``; GradCache below the batch size), clipping,
 the optimiser and scheduler steps, a log line, and every ``save_steps`` (and at the last step) a
-resumable checkpoint. At the end the model (LoRA merged) is saved to the output folder as a checkpoint
+resumable checkpoint. With ``eval_data``, every ``eval_steps`` (and at the last step) the main process
+evaluates held-out retrieval and the rationale lengths (``evaluation.py``) while the others wait; saved
+checkpoints are then limited and the best one kept (``retention.py``). At the end the model (LoRA merged;
+the best checkpoint's with ``load_best_model_at_end``) is saved to the output folder as a checkpoint
 ``RGEEncoder`` loads; a base Qwen2.5-VL model gets ``<emb>`` first (``base_model.py``).
 """
 
@@ -27,13 +30,23 @@ from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device
 from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
-from .checkpoints import TrainingState, export_model, read_state, restore_checkpoint, save_checkpoint, trainable
+from .checkpoints import (
+    TrainingState,
+    export_model,
+    read_state,
+    restore_checkpoint,
+    restore_weights,
+    save_checkpoint,
+    trainable,
+)
 from .config import TrainingConfig
-from .data import BadRow, TrainingExample, write_bad_rows
+from .data import BadRow, TrainingExample, read_training_data, write_bad_rows
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
+from .evaluation import evaluate_retrieval, warn_if_collapsed
 from .mmeb_train import MMEBTrainStream, read_training_source
-from .outputs import ERROR_FILE, RunLog, check_output, report_skipped
+from .outputs import ERROR_FILE, RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
+from .retention import best_checkpoint, keep_checkpoints
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 logger = logging.getLogger("rge.training")
@@ -56,6 +69,9 @@ class Trainer:
         self.precision: Precision | None = None
         self.scaler: torch.amp.GradScaler | None = None
         """The gradient scaler: enabled for float16 (on CUDA), a pass-through otherwise."""
+        self.eval_examples: list[TrainingExample] = []
+        """The held-out rows (read on the main process only, which evaluates)."""
+        self.resumed_from: Path | None = None
 
     def train(self) -> Path:
         config, output = self.config, self.config.output_dir
@@ -63,8 +79,10 @@ class Trainer:
         self.precision = precision = training_precision(config.dtype, device)
         created = init_from_environment(device)
         try:
-            resume_from = self._check_output(output)
+            self.resumed_from = resume_from = self._check_output(output)
             examples = self._read_examples(output, resume_from)
+            if config.eval_data and rank() == 0:
+                self.eval_examples = read_training_data(config.eval_data, image_root=config.image_root)
             torch.manual_seed(config.seed)  # LoRA's initialisation
             encoder, peft_model = self._load_model(device)
             module = EmbeddingModule(encoder.model)
@@ -80,6 +98,8 @@ class Trainer:
                 state = self._resume(resume_from, module, optimizer, scheduler)
             self._loop(encoder, module, wrapped, optimizer, scheduler, examples, state, total)
             if rank() == 0:
+                if config.load_best_model_at_end:
+                    self._load_best(module)
                 if config.gradient_checkpointing:
                     _checkpointing(encoder.model, enable=False)
                 tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
@@ -96,6 +116,7 @@ class Trainer:
     def _check_output(self, output: Path) -> Path | None:
         if self.config.lora:  # before the model is loaded
             require_extra("peft", extra="train", needed_by="LoRA training")
+        require_reporters(self.config.report_to)
         return check_output(output, resume=self.config.resume, overwrite=self.config.overwrite_output_dir)
 
     def _read_examples(self, output: Path, resume_from: Path | None) -> list[TrainingExample] | MMEBTrainStream:
@@ -172,7 +193,8 @@ class Trainer:
             scaler.scale(value).backward()
 
         shown = main and config.progress
-        with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, resumed_step=state.step) as log, \
+        with RunLog(config.output_dir, main=main, tensorboard=config.tensorboard, report_to=config.report_to,
+                    resumed_step=state.step, settings=self._settings()) as log, \
                 tqdm(total=total, initial=state.step, disable=not shown, desc="training", unit="step") as bar, \
                 logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
             for position, batch, unusable in self._batches(examples, state.position, total - state.step):
@@ -200,8 +222,39 @@ class Trainer:
                     log.write(state, values, facts if scale is None else {**facts, "loss_scale": scale})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
                 bar.update(1)
-                if config.save_steps and (state.step % config.save_steps == 0 or state.step == total):
-                    save_checkpoint(config.output_dir, module, optimizer, scheduler, state, scaler)
+                self._evaluate_and_save(state, state.step == total, log, module, optimizer, scheduler)
+
+    def _evaluate_and_save(
+        self, state: TrainingState, last: bool, log: RunLog, module: torch.nn.Module, optimizer: Any, scheduler: Any
+    ) -> None:
+        """At an evaluation step, the main process evaluates while the others wait; at a save step, a checkpoint
+        (with that evaluation's metrics), then the checkpoints past the limit go and the best is recorded."""
+        config = self.config
+        metrics: dict[str, float] = {}
+        if config.eval_data and (last or (config.eval_steps and state.step % config.eval_steps == 0)):
+            if rank() == 0:
+                assert self.encoder is not None
+                metrics = evaluate_retrieval(self.encoder, self.eval_examples, batch_size=config.batch_size)
+                log.write_eval(state, metrics)
+                warn_if_collapsed(metrics, state.step)
+            barrier()
+        if config.save_steps and (last or state.step % config.save_steps == 0):
+            evaluated = replace(state, metrics=metrics)
+            save_checkpoint(config.output_dir, module, optimizer, scheduler, evaluated, self.scaler)
+            if rank() == 0:
+                keep_checkpoints(config.output_dir, config, self.resumed_from)
+
+    def _load_best(self, module: torch.nn.Module) -> None:
+        """The best checkpoint's weights into ``module`` (``load_best_model_at_end``)."""
+        config = self.config
+        assert config.metric_for_best_model is not None
+        best = best_checkpoint(config.output_dir, config.metric_for_best_model,
+                               greater_is_better=bool(config.greater_is_better))  # fmt: skip
+        if best is None:
+            logger.warning("no evaluated checkpoint to load: the model of the last step is saved")
+            return
+        restore_weights(best.path, module)
+        logger.info("the trained model is %s's (%s %g)", best.path.name, config.metric_for_best_model, best.value)
 
     def _report_step_skips(self, skipped: list[BadRow], number: int) -> None:
         path = self.config.output_dir / ERROR_FILE

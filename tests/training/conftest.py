@@ -39,6 +39,15 @@ def synthetic_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def held_out_data(tmp_path_factory) -> Path:
+    """Thirty held-out rows of the letter task (no rationale), for ``--eval-data``."""
+    path = tmp_path_factory.mktemp("held-out") / "held-out.jsonl"
+    rows = [{"query": query_text(c), "positive": document_text(c)} for c in synthetic_split()[1][:30]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_base_path(tmp_path_factory) -> Path:
     """Qwen2.5-VL-Instruct as published, tiny: 4.51.3 files, tied padded vocabulary, no ``<emb>``."""

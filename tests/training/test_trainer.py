@@ -1,6 +1,7 @@
 """``rge train`` end to end on a tiny checkpoint: a short run lifts held-out Recall@1 and saves a model
 RGEEncoder loads; a run killed after a checkpoint resumes to the weights of an uninterrupted one; two
-processes under torchrun train like one process on the whole batch; bad set-ups are refused first."""
+processes under torchrun train like one process on the whole batch (and the main one evaluates while the other
+waits); bad set-ups are refused first."""
 
 from __future__ import annotations
 
@@ -102,19 +103,21 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(ti
     assert steps == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]  # the killed step 5 was never logged
 
 
-def test_two_processes_train_like_one_process_on_the_whole_batch(tiny_path, synthetic_data, tmp_path):
+def test_two_processes_train_like_one_process_on_the_whole_batch(tiny_path, synthetic_data, held_out_data, tmp_path):
     options = ["--model", str(tiny_path), "--data", str(synthetic_data), "--max-steps", "3", "--max-new-tokens", "4",
                "--learning-rate", "1e-3", "--device", "cpu", "--no-tensorboard"]  # fmt: skip
     port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(port), "-m", "rge.cli", "train", *options, "--batch-size", "4",
-               "--output", str(tmp_path / "two")]  # fmt: skip
+               "--output", str(tmp_path / "two"), "--eval-data", str(held_out_data)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert main(["train", *options, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
     logs = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
             for name in ("one", "two")]  # fmt: skip
+    evaluation = logs[1].pop()  # the main process evaluated at the last step while the other waited
+    assert evaluation["step"] == 3 and evaluation["eval/rows"] == 30 and "loss" not in evaluation
     for one, two in zip(*logs, strict=True):
         # Step 1 starts from the same weights; later steps from weights Adam moved alike (see below).
         tolerance = 1e-5 if one["step"] == 1 else 1e-3
