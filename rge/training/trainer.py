@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -306,7 +307,9 @@ def _with_lora(model: Any, config: TrainingConfig) -> Any:
                       target_modules=list(config.lora_target_modules), use_dora=config.dora,
                       init_lora_weights="gaussian")  # fmt: skip
     try:
-        return peft.get_peft_model(model, lora)
+        with warnings.catch_warnings():  # peft reads a property transformers 5.x deprecated: not the user's doing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return peft.get_peft_model(model, lora)
     except ValueError as error:
         raise TrainingSetupError(f"LoRA: {error}") from None
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,17 @@ def test_a_missing_tensorboard_is_said_once(tiny_path, tmp_path, monkeypatch, ca
         "TensorBoard; --no-tensorboard or tensorboard=False hides this line)"
     ]
     assert not (tmp_path / "out" / "tensorboard").exists() and (tmp_path / "out" / "log.jsonl").is_file()
+
+
+def test_a_lora_run_shows_no_deprecation_warning_of_its_libraries(tiny_path, tmp_path):
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps the model: that
+    warning is about the two libraries, not the user's code, so a LoRA run does not show it."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"query": f"q {n}", "positive": f"p {n}"}) + "\n" for n in range(4)))
+    config = TrainingConfig(model=str(tiny_path), data=[str(data)], output=str(tmp_path / "out"), max_steps=1,
+                            batch_size=4, max_new_tokens=2, lora=True, lora_r=4, progress=False,
+                            tensorboard=False)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # over the test settings' filters, as a user's interpreter shows them
+        train(config)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)] == []
