@@ -326,9 +326,9 @@ def test_missing_extra_names_it(monkeypatch, module, extra, package):
 def test_importing_rge_imports_no_adapter_library():
     adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers', 'haystack', 'chromadb', 'lancedb')"
     code = f"import sys, rge; print(sorted(m for m in {adapters} if m in sys.modules))"
-    import subprocess
+    from .processes import run_bounded
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run_bounded([sys.executable, "-c", code], timeout=300, check=True).stdout
     assert out.strip() == "[]"
 
 
