@@ -49,18 +49,32 @@ def alive(made: list[weakref.ref]) -> int:
     return sum(reference() is not None for reference in made)
 
 
-def test_a_second_call_reuses_the_cache_and_its_step(static, mixed_items):
+@pytest.fixture
+def taken(monkeypatch) -> list[SlotCache]:
+    """Every cache a ``SlotCachePool`` hands to a decode, in order."""
+    caches: list[SlotCache] = []
+    original = SlotCachePool.take
+
+    def take(self, *args, **kwargs):
+        caches.append(original(self, *args, **kwargs))
+        return caches[-1]
+
+    monkeypatch.setattr(SlotCachePool, "take", take)
+    return caches
+
+
+def test_a_second_call_reuses_the_cache_and_its_step(static, mixed_items, taken):
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     first = static.encode_query(texts, images=images, batch_size=4, return_rationales=True)
-    cache = static._cache_pool.idle
+    cache = taken[0]
     step = cache.step
     assert step is not None and step.serves(step.config, step.choice)
     second = static.encode_query(texts, images=images, batch_size=4, return_rationales=True)
-    assert static._cache_pool.idle is cache and cache.step is step  # one cache and step, kept between calls
+    assert len(taken) >= 2 and all(other is cache for other in taken) and cache.step is step  # kept between calls
     assert first[1].token_ids == second[1].token_ids and np.array_equal(first[0], second[0])
     static.release_decode_cache()
     static.encode_query(texts[:2], batch_size=4)
-    assert static._cache_pool.idle is not cache
+    assert taken[-1] is not cache
 
 
 def test_the_pool_lends_its_cache_to_one_decode_and_replaces_a_misfit(encoder):
@@ -97,14 +111,19 @@ def test_growth_rounds_the_capacity(encoder):
     assert set(cache.token_ids[0].tolist()) == {7} and set(cache.token_ids[1].tolist()) == {9}  # own ids only
 
 
-def test_a_batch_emptied_by_cancellation_returns_its_cache(static, mixed_items):
+def test_a_batch_emptied_by_cancellation_returns_its_cache(static, mixed_items, taken):
+    texts = [text for text, image in mixed_items if image is None][:3]
     stream = static.query_decoder(batch_size=4).stream()
-    items = static.prepare([{"text": text} for text, image in mixed_items if image is None][:3], reason=True)
-    stream.submit(enumerate(items))
+    stream.submit(enumerate(static.prepare(texts, reason=True)))
     stream.step()
-    assert stream.running == 3 and static._cache_pool.idle is None  # lent to the running batch
+    (lent,) = taken
+    assert stream.running == 3
+    static.encode_query(texts[:1])  # meanwhile another decode gets a cache of its own
+    assert len(taken) == 2 and taken[1] is not lent
     stream.cancel([0, 1, 2])
-    assert not stream.busy and static._cache_pool.idle is not None
+    assert not stream.busy
+    static.encode_query(texts[:1])  # the next decode gets the cache the cancelled batch gave back
+    assert len(taken) == 3 and taken[2] is lent
 
 
 def test_a_long_lived_stream_keeps_one_cache_and_release_frees_it_at_once(static, mixed_items):
@@ -120,8 +139,7 @@ def test_a_long_lived_stream_keeps_one_cache_and_release_frees_it_at_once(static
                 while stream.busy:
                     stream.step()
         assert len(made) >= 1 and alive(made) == 1  # the pool's, kept for the next decode
-        kept = static._cache_pool.idle
-        assert kept is not None
+        kept = next(cache for cache in (reference() for reference in made) if cache is not None)
         held, kept_bytes = allocated(static.device), kept.keys.nbytes + kept.values.nbytes
         del kept
         static.release_decode_cache()

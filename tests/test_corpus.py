@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from rge.corpus import RGEJobError, encode_corpus
 from rge.testing import make_test_image
 
 from .conftest import MAX_PIXELS, MIN_PIXELS, file_modes
+from .processes import kill_session, start
 
 
 def _write_corpus(folder: Path, count: int = 23) -> Path:
@@ -113,12 +113,17 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_path, tmp_path):
     corpus = _write_corpus(tmp_path, count=60)
     args = _args(corpus, tmp_path / "killed", tiny_path, "--side", "query", "--max-new-tokens", "16",
                  "--shard-size", "4", "--batch-size", "2")  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "rge.cli", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not list((tmp_path / "killed").glob("shard-00001.*")) and time.time() < deadline:
+    log = tmp_path / "encode.log"
+    with log.open("w") as sink:
+        process = start([sys.executable, "-m", "rge.cli", *args], stdout=subprocess.DEVNULL, stderr=sink)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "killed").glob("shard-00001.*")):
+        if process.poll() is not None or time.monotonic() > deadline:
+            kill_session(process)
+            why = f"it ended with {process.returncode}" if process.poll() is not None else "within 120 s"
+            pytest.fail(f"rge encode wrote no second shard ({why}):\n{log.read_text()[-2000:]}", pytrace=False)
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+    kill_session(process)  # kill -9
     process.wait()
     manifest = json.loads((tmp_path / "killed" / "manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed; the test proves nothing"

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import site
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from rge import RGEEncoder
 from rge.testing import make_test_image
 
 from .conftest import MAX_PIXELS, MIN_PIXELS
+from .processes import run_bounded
 from .test_candidates import cosine
 
 AUTHORS_TRANSFORMERS = "4.51.3"
@@ -46,14 +46,14 @@ def _legacy_python() -> Path:
     venv = Path(os.environ.get("RGE_LEGACY_VENV", default))
     python = venv / "bin" / "python"
     probe = [str(python), "-c", "import torch, transformers; print(transformers.__version__)"]
-    if python.exists() and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == AUTHORS_TRANSFORMERS:
+    if python.exists() and run_bounded(probe, timeout=300).stdout.strip() == AUTHORS_TRANSFORMERS:
         return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    run_bounded([sys.executable, "-m", "venv", "--clear", str(venv)], timeout=300, check=True)
     (legacy_site,) = Path(venv).glob("lib/python*/site-packages")
     (legacy_site / "rge-tests-parent.pth").write_text("\n".join(here) + "\n", encoding="utf-8")
     install = [str(python), "-m", "pip", "install", "--quiet", f"transformers=={AUTHORS_TRANSFORMERS}"]
-    subprocess.run(install, check=True, capture_output=True, text=True)
-    assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == AUTHORS_TRANSFORMERS
+    run_bounded(install, timeout=900, check=True)
+    assert run_bounded(probe, timeout=300, check=True).stdout.strip() == AUTHORS_TRANSFORMERS
     return python
 
 
@@ -83,8 +83,7 @@ def authors(tiny_path: Path, items: list[dict], tmp_path_factory: pytest.TempPat
            "max_new_tokens": BUDGET, "items": items}  # fmt: skip
     (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
     command = [str(_legacy_python()), str(SCRIPT), str(folder / "job.json"), str(folder / "out.json")]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_bounded(command, timeout=900, check=True, cwd=folder)  # (a 128-token budget, one item at a time)
     return json.loads((folder / "out.json").read_text(encoding="utf-8"))
 
 

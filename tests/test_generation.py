@@ -50,10 +50,23 @@ def test_base_model_settings_are_read_without_warning(tiny_path):
     assert settings.source.endswith("generation_config.json")
 
 
-def test_no_generation_config_means_plain_greedy(tiny_path, tmp_path):
+def test_no_generation_config_means_plain_greedy(tiny_path, tmp_path, mixed_items):
+    """Without generation_config.json generate decodes with transformers' defaults, the plain arg-max: so
+    does an encoder loaded from that checkpoint (no penalty, no sampling, nothing to warn about)."""
     path = _with_decoding(tiny_path, tmp_path / "none", None)
-    assert GenerationSettings.from_checkpoint(path) == GenerationSettings()
-    assert GenerationSettings().repetition_penalty == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoder = _load(path)
+    settings = encoder.generation_settings
+    assert (settings.repetition_penalty, settings.do_sample, settings.top_k, settings.top_p) == (1.0, False, None, None)
+    assert not settings.samples_at_random and not settings.top_p_check and settings.source == "defaults"
+    reference = Reference.load(path, MIN_PIXELS, MAX_PIXELS)
+    texts, images = [t for t, _ in mixed_items[:4]], [i for _, i in mixed_items[:4]]
+    vectors, rationales = encoder.encode_query(texts, images=images, batch_size=4, return_rationales=True)
+    for row, (text, image) in enumerate(mixed_items[:4]):
+        expected, tokens = reference.query(text, image, max_new_tokens=BUDGET)
+        assert rationales.token_ids[row] == tokens, row
+        assert cosine(vectors[row], expected) >= 0.9999, row
 
 
 def test_penalty_equals_transformers_processor():

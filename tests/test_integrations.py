@@ -264,7 +264,8 @@ def test_mteb_encode_and_evaluate(encoder):
     assert {(reason, keys) for reason, keys in sides} == {
         (True, ("text",)), (False, ("image", "text")), (True, ("image", "text")), (False, ("text",))
     }  # fmt: skip
-    assert all(0.0 <= r.get_score() <= 1.0 for r in result.task_results) and len(result.task_results) == 2
+    evaluated = sorted(r.task_name for r in result.task_results)
+    assert evaluated == ["MockAny2AnyRetrievalI2T", "MockAny2AnyRetrievalT2I"]  # each task evaluated, once
     assert RGE_MODEL_META.modalities == ["image", "text"] and RGE_MODEL_META.embed_dim == 2048
 
 
@@ -325,9 +326,9 @@ def test_missing_extra_names_it(monkeypatch, module, extra, package):
 def test_importing_rge_imports_no_adapter_library():
     adapters = "('langchain_core', 'llama_index', 'mteb', 'sentence_transformers', 'haystack', 'chromadb', 'lancedb')"
     code = f"import sys, rge; print(sorted(m for m in {adapters} if m in sys.modules))"
-    import subprocess
+    from .processes import run_bounded
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = run_bounded([sys.executable, "-c", code], timeout=300, check=True).stdout
     assert out.strip() == "[]"
 
 

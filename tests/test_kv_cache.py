@@ -25,23 +25,26 @@ def preallocated(encoder):
 
 
 @pytest.fixture
-def moves(monkeypatch):
-    """Counts the column moves of every SlotCache (the rare rebase to the left, or to make room)."""
-    counter = {"moves": 0}
-    original = SlotCache._move
+def full_reserves(monkeypatch):
+    """(rows, start) before and ``start`` after every ``SlotCache.reserve`` that found no room right of the
+    used columns: it moves them to the left."""
+    full: list[tuple[int, int, int]] = []
+    original = SlotCache.reserve
 
-    def counted(self, new_start):
-        counter["moves"] += 1
-        return original(self, new_start)
+    def reserve(self, columns):
+        rows, start, no_room = self.rows, self.start, self.end + columns > self.capacity
+        original(self, columns)
+        if no_room:
+            full.append((rows, start, self.start))
 
-    monkeypatch.setattr(SlotCache, "_move", counted)
-    return counter
+    monkeypatch.setattr(SlotCache, "reserve", reserve)
+    return full
 
 
 @pytest.mark.parametrize("kv_cache", ["preallocated", "static"])
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 10])
 @pytest.mark.parametrize("admission", [True, False])
-def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, batch_size, admission, moves, kv_cache):
+def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, batch_size, admission, kv_cache):
     preallocated = RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache=kv_cache)
     texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
     tokenized = preallocated.prepare(texts, images, reason=True)
@@ -49,8 +52,23 @@ def test_matches_the_authors_algorithm(encoder, reference_queries, mixed_items, 
     for row, (expected, tokens) in enumerate(reference_queries):
         assert result.generated[row] == tokens, row
         assert cosine(result.embeddings[row], expected) >= 0.9999, row
-    if batch_size == 3 and admission:
-        assert moves["moves"] > 0  # the long admission run reached the capacity and moved its columns
+
+
+@pytest.mark.parametrize("kv_cache", ["preallocated", "static"])
+def test_rows_whose_columns_move_left_when_the_buffers_fill_match_the_authors_algorithm(
+    encoder, reference, mixed_items, kv_cache, full_reserves
+):
+    """Short rationales and admission keep two rows decoding past the columns the widest prompts were given:
+    the used columns move to the left under running rows, and every query still gets the authors' result."""
+    budget = 12
+    cached = RGEEncoder(encoder.checkpoint, max_new_tokens=budget, kv_cache=kv_cache)
+    texts, images = [t for t, _ in mixed_items], [i for _, i in mixed_items]
+    result = cached.query_decoder(2, budget).run(cached.prepare(texts, images, reason=True))
+    assert any(rows and start > 0 == moved_to for rows, start, moved_to in full_reserves), full_reserves
+    for row, (text, image) in enumerate(mixed_items):
+        expected, tokens = reference.query(text, image, max_new_tokens=budget)
+        assert result.generated[row] == tokens, row
+        assert cosine(result.embeddings[row], expected) >= 0.9999, row
 
 
 def test_public_api_uses_it_and_equals_the_dynamic_cache(encoder, preallocated, mixed_items, monkeypatch):

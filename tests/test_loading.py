@@ -231,13 +231,24 @@ def test_missing_directory_is_refused(tmp_path):
 
 
 def test_defaults_on_this_machine(tiny_path):
-    """Nothing given: the device, dtype and attention are chosen from the machine (choose_device(None))."""
+    """Nothing given: the device, dtype and attention are chosen from the machine: CUDA in bf16 (with
+    flash-attention 2 when it imports) where there is CUDA, else the CPU in fp32 with sdpa."""
     encoder = RGEEncoder.from_pretrained(tiny_path)
-    assert encoder.device == choose_device(None)
-    assert encoder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert encoder.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    assert encoder.model.config._attn_implementation == choose_attention(None, encoder.device)
+    cuda = torch.cuda.is_available()
+    assert encoder.device == (torch.device("cuda") if cuda else torch.device("cpu"))
+    assert encoder.dtype == (torch.bfloat16 if cuda else torch.float32)
+    assert encoder.model.dtype == encoder.dtype and encoder.model.device.type == encoder.device.type
+    assert encoder.model.config._attn_implementation == ("flash_attention_2" if cuda and _imports("flash_attn")
+                                                         else "sdpa")  # fmt: skip
     assert encoder.embedding_dim == encoder.model.config.text_config.hidden_size == 64
+
+
+def _imports(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def test_device_dtype_and_attention_choices(monkeypatch):

@@ -13,13 +13,13 @@ import torch
 
 from rge import __version__
 
+from .processes import run_bounded
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    return done
+    return run_bounded(command, timeout=900, check=True, **kwargs)  # (a build, or an install into a venv)
 
 
 def test_wheel_installs_in_a_fresh_venv_and_runs_the_tiny_demo(tmp_path):

@@ -49,6 +49,30 @@ def test_public_api_matches_reference(encoder, reference_queries, mixed_items, r
         assert cosine(embeddings[row], expected) >= 0.9999
 
 
+# Two copies of the longest prompt stop together (step 8) while two shorter ones decode on: a batch of four
+# loses its first two rows in one step, and the two rows still decoding move into their places.
+FINISH_TOGETHER = ["Summarize: a red car parked by a tree near the river."] * 2 + [
+    "this photo which animal is on the left red car",
+    "the image find the caption of this photo which animal",
+]
+
+
+@pytest.mark.parametrize("kv_cache", ["dynamic", "preallocated", "static"])
+def test_rows_finishing_in_one_step_leave_the_others_whole(encoder, reference, kv_cache):
+    """Each row still decoding keeps its own keys, values and state when the rows that finished leave: the
+    authors' tokens and vectors for every query, whatever the cache kind."""
+    expected = [reference.query(text, max_new_tokens=BUDGET) for text in FINISH_TOGETHER]
+    lengths = [len(tokens) for _, tokens in expected]
+    prompts = [len(item) for item in encoder.prepare(FINISH_TOGETHER, reason=True)]
+    assert lengths[0] == lengths[1] < min(lengths[2:])  # the first two finish in one step, before the others
+    assert min(prompts[:2]) > max(prompts[2:]) and prompts[2] != prompts[3]  # they lead the batch (longest first)
+    cached = RGEEncoder(encoder.checkpoint, max_new_tokens=BUDGET, kv_cache=kv_cache)
+    vectors, rationales = cached.encode_query(FINISH_TOGETHER, batch_size=4, return_rationales=True)
+    for row, (vector, tokens) in enumerate(expected):
+        assert rationales.token_ids[row] == tokens, row
+        assert cosine(vectors[row], vector) >= 0.9999, row
+
+
 def test_same_query_whatever_its_neighbours(encoder, mixed_items):
     texts = [text for text, _ in mixed_items]
     images = [image for _, image in mixed_items]

@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 
 from rge import RGEEncoder
 from rge.engine import decode_attention, static_step
+from rge.engine.kv_cache import bucket_for
 from rge.engine.slot_batches import BATCHES, StaticSlotBatches, resolve_kv_cache
 from rge.engine.static_step import CudaGraphs, GraphFallbackWarning, StaticDecodeStep
 
@@ -144,18 +145,16 @@ class FakeGraphs:
 
     inside = False  # whether a replay is running now (any fake's)
 
-    def __init__(self, replay_of):
-        self.replay_of, self.captures, self.replays = replay_of, 0, 0
-
-    def bind(self, step, cache, bucket):
-        self.step, self.cache, self.bucket = step, cache, bucket
+    def __init__(self, replay_of, step, cache):
+        self.replay_of, self.step, self.cache, self.captures, self.replays = replay_of, step, cache, 0, 0
 
     def capture(self, run, restore):
         self.captures += 1
         for _ in range(2):  # warm-ups, as CudaGraphs runs them: each undone by restore
             run()
             restore()
-        replay = self.replay_of(self.step, self.cache, self.bucket, run)
+        bucket = bucket_for(self.cache.rows, self.cache.slots)  # the rows the step runs (a graph per bucket)
+        replay = self.replay_of(self.step, self.cache, bucket, run)
 
         def counted():
             self.replays += 1
@@ -174,20 +173,14 @@ def graphs_on_cpu(monkeypatch):
     made = []
 
     def install(replay_of):
-        original_init, original_replay = StaticDecodeStep.__init__, StaticDecodeStep._replay
+        original_init = StaticDecodeStep.__init__
 
-        def init(self, *args, **kwargs):
-            original_init(self, *args, **kwargs)
-            self.graphs = FakeGraphs(replay_of)
+        def init(self, model, cache, *args, **kwargs):  # a step belongs to one cache
+            original_init(self, model, cache, *args, **kwargs)
+            self.graphs = FakeGraphs(replay_of, self, cache)
             made.append(self.graphs)
 
-        def replay(self, cache, bucket):
-            if self.graphs is not None:
-                self.graphs.bind(self, cache, bucket)
-            return original_replay(self, cache, bucket)
-
         monkeypatch.setattr(StaticDecodeStep, "__init__", init)
-        monkeypatch.setattr(StaticDecodeStep, "_replay", replay)
         return made
 
     return install

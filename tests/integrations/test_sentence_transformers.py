@@ -3,14 +3,13 @@ query path reached by plain ``encode`` calls (the only call Chroma's and LanceDB
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from rge.integrations.sentence_transformers import to_sentence_transformer
 from rge.testing import make_test_image
 
 from ..conftest import load_tiny
+from ..processes import call_bounded
 from .vectors import assert_same_vectors
 
 QUERIES = ["What is in the image?", "Which animal is on the left?"]
@@ -26,14 +25,19 @@ def test_a_pool_of_processes_gives_the_vectors_of_one_process(tiny_path):
     methods = {"encode_query": model.encode_query, "encode_document": model.encode_document}
     expected = {name: method(items) for name, method in methods.items()}
     pool = model.start_multi_process_pool(["cpu", "cpu"])
-    waiter = ThreadPoolExecutor(1)  # to bound the wait: a stuck worker fails the test instead of hanging it
+
+    def workers() -> str:
+        return ", ".join(f"worker {process.pid} " + ("still running" if process.is_alive()
+                                                      else f"ended with {process.exitcode}")
+                         for process in pool["processes"])  # fmt: skip
+
     try:
         for name, method in methods.items():
-            pooled = waiter.submit(method, items, pool=pool, chunk_size=1).result(timeout=POOL_TIMEOUT)
+            pooled = call_bounded(lambda method=method: method(items, pool=pool, chunk_size=1), POOL_TIMEOUT,
+                                  lambda name=name: f"{name} over the pool ({workers()})")  # fmt: skip
             assert_same_vectors(pooled, expected[name])
     finally:
-        model.stop_multi_process_pool(pool)
-        waiter.shutdown()
+        model.stop_multi_process_pool(pool)  # (terminates the workers, stuck or not)
     assert not np.allclose(expected["encode_query"], expected["encode_document"], atol=1e-3)
 
 

@@ -47,10 +47,15 @@ def test_images_as_base64_and_data_uris_count_their_tokens(client, encoder):
     red, blue = png_bytes((200, 30, 30)), png_bytes((30, 30, 200), (90, 200))
     inputs = [{"text": "What is this?", "image": b64(red)},
               {"image": f"data:image/png;base64,{b64(blue)}"}, "plain text"]  # fmt: skip
-    got = client.embeddings.create(model=MODEL, input=inputs, extra_body={"input_type": "query"})
+    got = client.embeddings.create(model=MODEL, input=inputs,
+                                   extra_body={"input_type": "query", "return_rationales": True})  # fmt: skip
     items = [{"text": "What is this?", "image": red}, {"image": blue}, "plain text"]
-    expected = encoder.encode_query(items)
-    assert len(got.data) == 3 and all(cosine(e, g.embedding) >= 0.9999 for e, g in zip(expected, got.data))
+    expected, rationales = encoder.encode_query(items, return_rationales=True)
+    assert max(cosine(expected[a], expected[b]) for a, b in ((0, 1), (0, 2), (1, 2))) < 0.999  # a swap would show
+    assert [entry.index for entry in got.data] == [0, 1, 2]
+    for position, entry in enumerate(got.data):  # each item's own vector and rationale, in request order
+        assert cosine(expected[position], entry.embedding) >= 0.9999, position
+        assert entry.model_extra["rationale"] == rationales[position], position
     image_tokens = sum(len(item) for item in encoder.prepare(items[:2], reason=True))
     assert got.usage.prompt_tokens > image_tokens > 64  # the images' visual tokens are counted
 

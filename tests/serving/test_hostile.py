@@ -30,6 +30,7 @@ from PIL import Image
 
 from ..conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
 from ..live_server import free_port, wait_until_healthy
+from ..processes import start, stop
 from .test_command import serve_command
 
 LIMITS = ("--header-timeout", "1", "--body-timeout", "2", "--image-fetch-timeout", "1", "--shutdown-timeout", "2")
@@ -43,15 +44,13 @@ def serve_process(tiny_path: Path, log: Path, *args: str) -> Iterator[tuple[str,
                             str(BUDGET), "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS),
                             "--served-model-name", "tiny", *args)  # fmt: skip
     with log.open("w") as sink:
-        process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=sink, stderr=sink)
+        process = start(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=sink, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, lambda: process.poll() is None, 120)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.wait(60)
+        stop(process, timeout=60)  # Ctrl-C; killed, and the test failed, if it does not end
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 
 import httpx
 import openai
@@ -20,6 +19,8 @@ QUERY_TEXTS = [f"Question {n}: which {animal} is near the {place}?" for n, (anim
     [(a, p) for a in ("cat", "dog", "tiger", "owl", "horse") for p in ("river", "door", "tree", "car")])]  # fmt: skip
 TOPICS = ["printing", "rivers", "owls", "cars", "bread", "glass", "rain", "maps", "salt", "bees", "tea", "clocks"]
 DOCUMENT_TEXTS = [f"Document {n} about {topic}." for n, topic in enumerate(TOPICS)]
+LOAD_TIMEOUT = 600.0
+"""Seconds the load test's requests have to be answered, all together: far more than they take."""
 IMAGES = [png_bytes((40 * n, 200 - 30 * n, 90), (48 + 16 * n, 40 + 8 * n)) for n in range(4)]
 
 
@@ -64,12 +65,12 @@ def test_load_64_clients_every_item_equals_its_single_result(encoder, pool):
             await asyncio.gather(*(one_client() for _ in range(64)))
             return answers
 
-        started = time.monotonic()
-        answers = asyncio.run(drive())
-        elapsed = time.monotonic() - started
+        try:
+            answers = asyncio.run(asyncio.wait_for(drive(), timeout=LOAD_TIMEOUT))
+        except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+            pytest.fail(f"the {len(requests)} requests were not all answered within {LOAD_TIMEOUT:g} s")
         metrics = httpx.get(f"{url}/metrics").text
         assert state.scheduler.accepted == 0  # nothing left behind
-    assert elapsed < 120
     checked = 0
     for entries, answer in zip(requests, answers):
         assert len(answer.data) == len(entries)
@@ -85,67 +86,136 @@ def test_load_64_clients_every_item_equals_its_single_result(encoder, pool):
     assert float(shared[0].split()[-1]) < float(total[0].split()[-1])
 
 
-def test_a_query_arriving_mid_decode_joins_and_leaves_first(encoder, pool, slow_steps):
-    lengths = {entry[0]: len(encoder.encode_query([entry[0]], return_rationales=True)[1].token_ids[0])
-               for entry in pool if entry[1] == "query" and isinstance(entry[0], str)}  # fmt: skip
+def query_lengths(encoder, pool) -> dict[str, int]:
+    """Tokens each text query of the pool generates alone (its decode steps)."""
+    return {entry[0]: len(encoder.encode_query([entry[0]], return_rationales=True)[1].token_ids[0])
+            for entry in pool if entry[1] == "query" and isinstance(entry[0], str)}  # fmt: skip
+
+
+def signal_calls(monkeypatch, name: str, count: int = 1) -> threading.Event:
+    """An event set once ``Scheduler.<name>`` has returned ``count`` times (``submit``: a job reached the
+    engine's inbox; ``cancel``: the server dropped a job)."""
+    from rge.serving.scheduler import Scheduler
+
+    event, calls, original = threading.Event(), [], getattr(Scheduler, name)
+
+    def called(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) >= count:
+            event.set()
+        return result
+
+    monkeypatch.setattr(Scheduler, name, called)
+    return event
+
+
+def generated_tokens(url: str) -> float:
+    """``rge_generated_tokens_total``: tokens of the queries that finished."""
+    lines = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+             if line.startswith("rge_generated_tokens_total")]  # fmt: skip
+    return float(lines[0].split()[-1])
+
+
+def test_a_query_arriving_mid_decode_joins_and_leaves_first(encoder, pool, held_steps, monkeypatch):
+    """The long query's third step waits until the short request has reached the engine, so the short query
+    joins the running batch with at least ten fewer tokens to go; once it has left, the long query's steps
+    wait for the short request's answer: it is answered while the long query still decodes."""
+    lengths = query_lengths(encoder, pool)
     long_text, short_text = max(lengths, key=lengths.get), min(lengths, key=lengths.get)
     assert lengths[long_text] >= lengths[short_text] + 10  # room for the newcomer to finish first
-    steps = slow_steps(0.02)
+    submitted, short_answered = signal_calls(monkeypatch, "submit", count=2), threading.Event()
+
+    def hold(rows, earlier):
+        if len(earlier) == 2:
+            return submitted, "the short request never reached the engine"
+        if rows == 1 and 2 in earlier:
+            return short_answered, "the short request was not answered while the long query decoded"
+        return None
+
+    held = held_steps(hold)
     with running_server(encoder, batch_size=8) as (url, state):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
-        def ask(text):
-            return lambda: client.embeddings.create(model=MODEL, input=[text], extra_body={"input_type": "query"})
+        def ask(text, answered=None):
+            def run():
+                try:
+                    return client.embeddings.create(model=MODEL, input=[text], extra_body={"input_type": "query"})
+                finally:
+                    if answered is not None:
+                        answered.set()
+
+            return run
 
         long_thread, long_outcome = in_thread(ask(long_text))
-        wait_until(lambda: len(steps) >= 2)  # the long query is decoding
-        short_thread, short_outcome = in_thread(ask(short_text))
-        short_thread.join(60)
-        long_thread.join(60)
-    assert short_outcome["finished"] < long_outcome["finished"]  # answered when its own query finished
-    assert 2 in steps  # the newcomer was admitted into the running batch
+        wait_until(lambda: len(held.rows) >= 2, what="the long query decoding")
+        short_thread, short_outcome = in_thread(ask(short_text, short_answered))
+        short_thread.join(120)
+        long_thread.join(120)
+    assert not held.stalled, held.stalled
+    assert 2 in held.rows and held.rows[-1] == 1  # the newcomer joined the running batch, and left it first
     assert cosine(encoder.encode_query(short_text), short_outcome["result"].data[0].embedding) >= 0.9999
     assert cosine(encoder.encode_query(long_text), long_outcome["result"].data[0].embedding) >= 0.9999
 
 
-def test_a_client_that_disconnects_has_its_items_dropped(encoder, pool, slow_steps):
-    text = max((entry[0] for entry in pool if entry[1] == "query" and isinstance(entry[0], str)),
-               key=lambda t: len(encoder.encode_query([t], return_rationales=True)[1].token_ids[0]))  # fmt: skip
-    steps = slow_steps(0.05)
+def assert_only_new_work_decodes(encoder, url: str, held, text: str) -> None:
+    """After a job was dropped: a new query's steps are the only ones (one row each, as many as its tokens),
+    and only its tokens count as generated (the dropped queries never finished)."""
+    tokens = len(encoder.encode_query([text], return_rationales=True)[1].token_ids[0])
+    dropped_steps = len(held.rows)  # (after the encode above: its steps are counted too)
+    response = httpx.post(f"{url}/v1/embeddings", json={"input": text, "input_type": "query"}, timeout=60)
+    assert response.status_code == 200
+    assert held.rows[dropped_steps:] == [1] * tokens
+    assert generated_tokens(url) == tokens
+
+
+def test_a_client_that_disconnects_has_its_items_dropped(encoder, pool, held_steps, monkeypatch):
+    """Decoding waits until the server has dropped the job of the client that left (so the client cannot
+    have been answered), then no step feeds its queries again."""
+    lengths = query_lengths(encoder, pool)
+    text = max(lengths, key=lengths.get)
+    cancelled = signal_calls(monkeypatch, "cancel")
+    held = held_steps(lambda rows, earlier: (cancelled, "the server never dropped the departed client's job"))
     with running_server(encoder) as (url, state):
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/embeddings", json={"input": [text, text], "input_type": "query"}, timeout=0.4)
-        wait_until(lambda: state.scheduler.accepted == 0, timeout=5)
-        stopped_at = len(steps)
-        time.sleep(0.3)
-        assert len(steps) == stopped_at < 20  # no more decode steps for the departed client
-        assert httpx.post(f"{url}/v1/embeddings", json={"input": "still serving"}, timeout=30).status_code == 200
+            httpx.post(f"{url}/v1/embeddings", json={"input": [text, text], "input_type": "query"}, timeout=1)
+        wait_until(lambda: state.scheduler.accepted == 0, what="the departed client's items released")
+        assert held.rows and set(held.rows) == {2} and len(held.rows) < lengths[text]  # left mid-decode
+        assert_only_new_work_decodes(encoder, url, held, "still serving")
+    assert not held.stalled, held.stalled
 
 
-def test_overload_gets_429_with_retry_after_then_recovers(encoder, pool, slow_steps):
-    slow_steps(0.03)
+def test_overload_gets_429_with_retry_after_then_recovers(encoder, pool, held_steps):
+    refused_seen = threading.Event()
+    held = held_steps(lambda rows, earlier: (refused_seen, "the first request decoded before the refusal"))
     with running_server(encoder, max_queued_items=2) as (url, state):
         body = {"input": QUERY_TEXTS[:2], "input_type": "query"}
         first_thread, first = in_thread(lambda: httpx.post(f"{url}/v1/embeddings", json=body, timeout=60))
-        wait_until(lambda: state.scheduler.accepted == 2)
-        refused = httpx.post(f"{url}/v1/embeddings", json={"input": "one more"})
+        try:
+            wait_until(lambda: state.scheduler.accepted == 2, what="the first request's two items accepted")
+            refused = httpx.post(f"{url}/v1/embeddings", json={"input": "one more"})
+        finally:
+            refused_seen.set()  # the first request decodes now
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["type"] == "rate_limit_error"
-        first_thread.join(60)
+        first_thread.join(120)
         assert first["result"].status_code == 200
         assert httpx.post(f"{url}/v1/embeddings", json={"input": "one more"}).status_code == 200
+    assert not held.stalled, held.stalled
 
 
-def test_request_timeout_answers_504_and_frees_the_batch(encoder, slow_steps):
-    steps = slow_steps(0.05)
-    with running_server(encoder, request_timeout=0.3) as (url, state):
+def test_request_timeout_answers_504_and_frees_the_batch(encoder, held_steps, monkeypatch):
+    """Decoding waits until the server has dropped the timed-out job, so the timeout always comes first."""
+    cancelled = signal_calls(monkeypatch, "cancel")
+    held = held_steps(lambda rows, earlier: (cancelled, "the timed-out job was never dropped"))
+    with running_server(encoder, request_timeout=3.0) as (url, state):
         response = httpx.post(f"{url}/v1/embeddings", json={"input": QUERY_TEXTS[:3], "input_type": "query"},
                               timeout=30)  # fmt: skip
         assert response.status_code == 504 and response.json()["error"]["type"] == "timeout_error"
-        wait_until(lambda: state.scheduler.accepted == 0, timeout=5)
-        stopped_at = len(steps)
-        time.sleep(0.3)
-        assert len(steps) == stopped_at
+        wait_until(lambda: state.scheduler.accepted == 0, what="the timed-out request's items released")
+        assert held.rows and set(held.rows) == {3}  # dropped mid-decode
+        assert_only_new_work_decodes(encoder, url, held, "still serving")  # (a short query: well within 3 s)
+    assert not held.stalled, held.stalled
 
 
 def test_the_engine_thread_only_runs_the_model(encoder, monkeypatch):
