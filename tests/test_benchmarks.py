@@ -136,8 +136,7 @@ def test_the_gpu_check_runs_end_to_end_with_tiny_shapes_on_the_cpu(tmp_path):
 
 
 def test_startup_benchmark_times_every_command_against_import_torch():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--repeats", "1"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    done = run_bounded([sys.executable, str(ROOT / "benchmarks" / "startup.py"), "--repeats", "1"], 300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(" `"): line.split("|")[2:4] for line in done.stdout.splitlines()[2:]}
     assert set(rows) == {"python -c pass", "import torch", "import rge", "from rge import RGEEncoder",
