@@ -17,7 +17,8 @@ import pytest
 
 import rge.corpus
 from rge import load_embeddings
-from rge.cli import ENCODE_EXIT_ROWS_FAILED, main
+from rge.cli import main
+from rge.cli.errors import EXIT_ROWS_FAILED
 from rge.corpus import RGEJobError, encode_corpus
 from rge.testing import make_test_image
 
@@ -71,7 +72,7 @@ def _expected(encoder, corpus: Path, reason: bool):
 def test_encode_reports_bad_rows_and_keeps_input_order(encoder, tiny_path, tmp_path, capsys):
     corpus = _write_corpus(tmp_path)
     code = main(_args(corpus, tmp_path / "index", tiny_path))
-    assert code == ENCODE_EXIT_ROWS_FAILED
+    assert code == EXIT_ROWS_FAILED
     vectors, ids = load_embeddings(tmp_path / "index", return_ids=True)
     expected, expected_ids, _ = _expected(encoder, corpus, reason=False)
     assert ids == expected_ids and vectors.dtype == np.float32
@@ -130,10 +131,10 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_path, tmp_path):
     survivors = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "killed").glob("shard-*")}
     assert survivors
 
-    assert main(args) == ENCODE_EXIT_ROWS_FAILED
+    assert main(args) == EXIT_ROWS_FAILED
     for name, mtime in survivors.items():  # finished shards were kept, not recomputed
         assert (tmp_path / "killed" / name).stat().st_mtime_ns == mtime
-    assert main([*args[:5], str(tmp_path / "clean"), *args[6:]]) == ENCODE_EXIT_ROWS_FAILED
+    assert main([*args[:5], str(tmp_path / "clean"), *args[6:]]) == EXIT_ROWS_FAILED
     resumed, resumed_ids = load_embeddings(tmp_path / "killed", return_ids=True)
     clean, clean_ids = load_embeddings(tmp_path / "clean", return_ids=True)
     assert resumed_ids == clean_ids and len(set(clean_ids)) == len(clean_ids)
@@ -150,7 +151,7 @@ def test_corrupt_and_partial_shards_are_rewritten(tiny_path, tmp_path):
     (output / "shard-00002.safetensors").write_bytes((output / "shard-00000.safetensors").read_bytes())
     (output / ".shard-00003.safetensors.tmp-999").write_bytes(b"partial")
     (output / "shard-00004.safetensors").unlink()
-    assert main(_args(corpus, output, tiny_path)) == ENCODE_EXIT_ROWS_FAILED
+    assert main(_args(corpus, output, tiny_path)) == EXIT_ROWS_FAILED
     again, again_ids = load_embeddings(output, return_ids=True)
     assert again_ids == clean_ids
     np.testing.assert_array_equal(again, clean)
@@ -163,7 +164,7 @@ def test_other_settings_are_refused(tiny_path, tmp_path, capsys):
     assert main(_args(corpus, tmp_path / "index", tiny_path, "--side", "query")) == 2
     error = capsys.readouterr().err
     assert "other settings" in error and "'side': ('document', 'query')" in error
-    assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED  # same settings: fine
+    assert main(_args(corpus, tmp_path / "index", tiny_path)) == EXIT_ROWS_FAILED  # same settings: fine
 
 
 def test_query_decoding_settings_are_recorded_and_kept(tiny_path, tmp_path, capsys):
@@ -244,8 +245,8 @@ def ray_cluster():
 
 def test_ray_path_equals_local_path(ray_cluster, tiny_path, tmp_path):
     corpus = _write_corpus(tmp_path)
-    assert main(_args(corpus, tmp_path / "local", tiny_path)) == ENCODE_EXIT_ROWS_FAILED
-    assert main(_args(corpus, tmp_path / "ray", tiny_path, "--ray", "--workers", "2")) == ENCODE_EXIT_ROWS_FAILED
+    assert main(_args(corpus, tmp_path / "local", tiny_path)) == EXIT_ROWS_FAILED
+    assert main(_args(corpus, tmp_path / "ray", tiny_path, "--ray", "--workers", "2")) == EXIT_ROWS_FAILED
     local, local_ids = load_embeddings(tmp_path / "local", return_ids=True)
     distributed, distributed_ids = load_embeddings(tmp_path / "ray", return_ids=True)
     assert distributed_ids == local_ids
@@ -282,7 +283,7 @@ def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys)
     """Other key names via --id-field/--text-field/--image-field (and a key left out with --ignore-fields),
     image bytes (plain or as datasets store them) in parquet: the same vectors as the plain JSONL."""
     corpus = _write_corpus(tmp_path, count=8)
-    assert main(_args(corpus, tmp_path / "plain", tiny_path)) in (0, ENCODE_EXIT_ROWS_FAILED)
+    assert main(_args(corpus, tmp_path / "plain", tiny_path)) in (0, EXIT_ROWS_FAILED)
     expected, expected_ids = load_embeddings(tmp_path / "plain", return_ids=True)
     renamed = tmp_path / "renamed.jsonl"
     rows = []
@@ -296,7 +297,7 @@ def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys)
         rows.append(json.dumps({**{mapping[k]: v for k, v in row.items()}, "source": "web"}))
     renamed.write_text("\n".join(rows) + "\n")
     fields = ("--id-field", "doc_id", "--text-field", "body", "--image-field", "picture", "--ignore-fields", "source")
-    assert main(_args(renamed, tmp_path / "mapped", tiny_path, *fields)) == ENCODE_EXIT_ROWS_FAILED
+    assert main(_args(renamed, tmp_path / "mapped", tiny_path, *fields)) == EXIT_ROWS_FAILED
     mapped, mapped_ids = load_embeddings(tmp_path / "mapped", return_ids=True)
     assert mapped_ids == expected_ids
     np.testing.assert_array_equal(mapped, expected)
@@ -322,7 +323,7 @@ def test_fields_are_mapped_and_image_bytes_are_read(tiny_path, tmp_path, capsys)
 def test_duplicate_ids_are_reported(tiny_path, tmp_path):
     corpus = tmp_path / "dup.jsonl"
     corpus.write_text("\n".join(json.dumps({"id": i % 3, "text": f"row {i}"}) for i in range(5)) + "\n")
-    assert main(_args(corpus, tmp_path / "index", tiny_path)) == ENCODE_EXIT_ROWS_FAILED
+    assert main(_args(corpus, tmp_path / "index", tiny_path)) == EXIT_ROWS_FAILED
     errors = [json.loads(line) for line in (tmp_path / "index" / "errors.jsonl").read_text().splitlines()]
     assert [(e["line"], e["id"]) for e in errors] == [(4, "0"), (5, "1")]
     assert all("duplicate id" in e["error"] and "first at line" in e["error"] for e in errors)
@@ -388,7 +389,7 @@ def test_an_interrupted_encode_says_rerunning_resumes(tiny_path, tmp_path, capsy
     assert error[-1] == "rge encode: interrupted; rerun the same command to resume (finished shards are kept)"
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "index").glob("shard-*")}
     assert kept and not json.loads((tmp_path / "index" / "manifest.json").read_text())["complete"]
-    assert main(args) == ENCODE_EXIT_ROWS_FAILED
+    assert main(args) == EXIT_ROWS_FAILED
     assert all((tmp_path / "index" / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
     assert len(load_embeddings(tmp_path / "index")) == 12 - 2  # rows 5 and 9 are bad
 

@@ -16,18 +16,14 @@ from typing import Any, NoReturn
 from .._about import DISTRIBUTION, __version__
 from ..errors import RGEError
 from .commands import DEMO_CANDIDATES, DEMO_QUERY, demo_picture, run_demo, run_encode, run_mmeb
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_ROWS_FAILED, EXIT_USAGE, exit_status
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, EXIT_USAGE, exit_status
 from .options import DefaultsHelpFormatter, add_model_options, key_list, positive_int, shown_default
 from .serve import add_serve_parser, run_serve
 from .train import add_train_parser, run_train
 
-ENCODE_EXIT_ROWS_FAILED = EXIT_ROWS_FAILED
-"""``rge encode`` exit status when the job finished but some rows were reported in errors.jsonl."""
-
 __all__ = [
     "DEMO_CANDIDATES",
     "DEMO_QUERY",
-    "ENCODE_EXIT_ROWS_FAILED",
     "build_parser",
     "demo_picture",
     "main",
