@@ -9,6 +9,7 @@ by ``W``, so that DDP's average equals the gradient of one process on the concat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,25 @@ def language_model_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     learn at their own positions and ``IGNORE_INDEX`` elsewhere (they are shifted here). Summed over
     processes, the shares give the mean over every labelled token of the global batch. 0 when none.
     """
-    predicted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / global_count(int((targets != IGNORE_INDEX).sum()), total.device).clamp(min=1)
+    total = next_token_loss_sum(logits, labels)
+    return total / global_count(int((labels[:, 1:] != IGNORE_INDEX).sum()), total.device).clamp(min=1)
+
+
+def next_token_loss_sum(
+    states: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The next-token cross-entropy summed over ``labels``' labelled tokens (float32; 0 when none).
+
+    ``states`` (B, T, ...) are the logits at each position, or hidden states that ``head`` (the model's
+    ``lm_head``) turns into logits: only at the labelled positions, so a pass never holds (B, T, V) logits.
+    """
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    if not bool(labelled.any()):
+        return states.new_zeros((), dtype=torch.float32)
+    chosen = states[:, :-1][labelled]
+    logits = (chosen if head is None else head(chosen)).float()
+    return F.cross_entropy(logits, targets[labelled], reduction="sum")
 
 
 def global_count(local: int, device: torch.device | None = None) -> torch.Tensor:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
@@ -34,7 +33,7 @@ from .collation import TrainingSequence, candidate_sequence, collate_training, q
 from .config import DEFAULT_TEMPERATURE
 from .data import BadRow, Side, TrainingDataError, TrainingExample
 from .distributed import world_size
-from .losses import IGNORE_INDEX, JointLoss, global_count, info_nce, joint_loss
+from .losses import JointLoss, global_count, info_nce, joint_loss, next_token_loss_sum
 
 Pass = tuple[ModelBatch, torch.Tensor]
 """One forward over a collated batch: its model inputs and LM labels (``IGNORE_INDEX`` where unlabelled)."""
@@ -60,14 +59,7 @@ class EmbeddingModule(torch.nn.Module):
 
     def _run(self, batch: ModelBatch, labels: torch.Tensor) -> PassOutput:
         hidden = forward_prompts(self.model, batch, build_position_ids(self.model, batch))
-        targets = labels[:, 1:]
-        labelled = targets != IGNORE_INDEX
-        if bool(labelled.any()):
-            logits = self.model.lm_head(hidden[:, :-1][labelled]).float()
-            lm_sum = F.cross_entropy(logits, targets[labelled], reduction="sum")
-        else:
-            lm_sum = hidden.new_zeros((), dtype=torch.float32)
-        return PassOutput(hidden[:, -1].float(), lm_sum)
+        return PassOutput(hidden[:, -1].float(), next_token_loss_sum(hidden, labels, self.model.lm_head))
 
 
 @dataclass
