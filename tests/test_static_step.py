@@ -16,6 +16,7 @@ from rge.engine import decode_attention, static_step
 from rge.engine.kv_cache import bucket_for
 from rge.engine.slot_batches import BATCHES, StaticSlotBatches, resolve_kv_cache
 from rge.engine.static_step import CudaGraphs, GraphFallbackWarning, StaticDecodeStep
+from rge.engine.transformers_internals import registered_attention
 
 from .conftest import BUDGET
 from .test_candidates import cosine
@@ -88,9 +89,9 @@ def test_flash_kernel_is_called_with_each_rows_window(encoder, mixed_items, expe
     layers = encoder.model.config.text_config.num_hidden_layers
     assert len(kernel_calls) > layers and len(kernel_calls) % layers == 0
     assert all(shape[2] > 1 for shape in flash_loaded)  # the wrapped function saw prefills only
-    wrapped = AttentionInterface._global_mapping["sdpa"]
+    wrapped = registered_attention("sdpa")
     decode_attention.install_flash_dispatch("sdpa")
-    assert AttentionInterface._global_mapping["sdpa"] is wrapped and wrapped.rge_wrapped is not wrapped  # once
+    assert registered_attention("sdpa") is wrapped and wrapped.rge_wrapped is not wrapped  # once
 
 
 def test_flash_attention_older_than_2_6_gets_sdpa_steps(encoder, mixed_items, expected, flash_loaded, monkeypatch):

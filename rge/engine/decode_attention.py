@@ -24,7 +24,8 @@ from functools import cache
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+
+from .transformers_internals import attention_implementation, register_attention, registered_attention
 
 
 @dataclass
@@ -66,7 +67,7 @@ def prepared_mask(allowed: torch.Tensor, model: Any) -> torch.Tensor:
     model's attention as it is: additive (0 or the dtype's minimum) for eager, boolean otherwise (sdpa; the
     flash dispatch reads the ``DecodeWindow``). A prepared mask spares transformers' mask building, which
     reads the device every step."""
-    if str(model.config._attn_implementation or "") != "eager":
+    if attention_implementation(model.config) != "eager":
         return allowed
     dtype = next(model.parameters()).dtype
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -83,7 +84,7 @@ def step_mask(attention_mask: torch.Tensor, model: Any) -> torch.Tensor:
 def loaded_with_flash(language_model: Any) -> bool:
     """Whether the model runs a flash-attention (its decode steps then go through ``install_flash_dispatch``):
     any implementation named with "flash", hub kernels included, as transformers tells them apart."""
-    return "flash" in str(language_model.config._attn_implementation or "")
+    return "flash" in attention_implementation(language_model.config)
 
 
 def kvcache_kernel_for(query: torch.Tensor) -> Callable[..., torch.Tensor] | None:
@@ -132,7 +133,7 @@ def flash_decode(
 def install_flash_dispatch(implementation: str) -> None:
     """Wrap the attention function registered as ``implementation``: calls with a ``decode_window`` run
     ``decode_attention``, all others the wrapped function. Idempotent."""
-    wrapped = AttentionInterface._global_mapping[implementation]
+    wrapped = registered_attention(implementation)
     if getattr(wrapped, "rge_wrapped", None) is not None:
         return
 
@@ -151,4 +152,4 @@ def install_flash_dispatch(implementation: str) -> None:
         return decode_attention(module, query, key, value, decode_window, kwargs.get("scaling")), None
 
     dispatch.rge_wrapped = wrapped  # type: ignore[attr-defined]
-    AttentionInterface.register(implementation, dispatch)
+    register_attention(implementation, dispatch)

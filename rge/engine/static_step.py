@@ -31,6 +31,7 @@ from .batches import advance, choose_next, penalized_scores
 from .decode_attention import DecodeWindow, install_flash_dispatch, loaded_with_flash, prepared_mask
 from .decode_config import DecodeConfig, TokenChoice
 from .kv_cache import SlotCache, bucket_for
+from .transformers_internals import attention_implementation
 
 REPLAY_TOLERANCE = 1e-4
 """Largest mean of |replayed - eager| / (1 + |eager|) over the hidden states (in float32) accepted when a
@@ -81,7 +82,7 @@ class StaticDecodeStep:
         device, slots = cache.mask.device, cache.slots
         self.flash = loaded_with_flash(self.language_model)
         if self.flash:
-            install_flash_dispatch(self.language_model.config._attn_implementation)
+            install_flash_dispatch(attention_implementation(self.language_model.config))
         self.hidden = torch.zeros((slots, int(model.config.text_config.hidden_size)), dtype=cache.keys.dtype,
                                   device=device)  # fmt: skip
         self.done = torch.zeros(slots, dtype=torch.bool, device=device)

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 
+from .transformers_internals import attention_function, attention_implementation
+
 
 def batch_windows(model: Any) -> int:
     """Make every vision attention module of ``model`` a ``WindowBatchedVisionAttention`` (unless it runs
     flash-attention, which needs no loop); returns how many modules are."""
-    if "flash" in str(model.config.vision_config._attn_implementation or ""):
+    if "flash" in attention_implementation(model.config.vision_config):
         return 0
     modules = [module for module in model.modules() if isinstance(module, qwen.Qwen2_5_VLVisionAttention)]
     for module in modules:
@@ -45,8 +47,7 @@ class WindowBatchedVisionAttention(qwen.Qwen2_5_VLVisionAttention):
         query, key, value = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings  # type: ignore[misc]
         query, key = qwen.apply_rotary_pos_emb_vision(query, key, cos, sin)
-        interfaces, eager = qwen.ALL_ATTENTION_FUNCTIONS, qwen.eager_attention_forward
-        attention = interfaces.get_interface(self.config._attn_implementation, eager)
+        attention = attention_function(self.config, qwen.eager_attention_forward)
         starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         output = query.new_empty((length, self.num_heads, query.shape[-1]))
         for window in sorted(set(lengths)):
