@@ -361,7 +361,7 @@ def encode_items_skipping(
         except RGEInputError as error:
             if error.index is None:
                 raise
-            failed[remaining.pop(error.index)] = str(error).split(": ", 1)[-1]
+            failed[remaining.pop(error.index)] = error.reason
     return np.zeros((0, encoder.embedding_dim), np.float32), [], failed
 
 

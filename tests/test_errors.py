@@ -133,3 +133,18 @@ def test_create_app_without_the_serve_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)
     with pytest.raises(RGEMissingExtraError, match=r'rge.serving.create_app needs fastapi: .*\[serve\]"'):
         rge.serving.create_app  # noqa: B018 (the attribute is what imports the app)
+
+
+def test_an_input_error_carries_the_item_and_the_bare_reason(encoder, tmp_path):
+    """Callers that report the item their own way read ``index``, ``part`` and ``reason``; ``str()`` is the
+    one line users see, the item first."""
+    missing = tmp_path / "missing.png"
+    with pytest.raises(RGEInputError) as raised:
+        encoder.prepare(["fine", {"text": "a photo", "image": missing}], reason=False)
+    error = raised.value
+    assert (error.index, error.part) == (1, "image")
+    assert error.reason == f"image file not found: {str(missing)!r}"
+    assert str(error) == f"item 1: image file not found: {str(missing)!r}"
+    whole = RGEInputError("give texts, images or both")
+    assert (whole.index, whole.part, whole.reason, str(whole)) == (None, None, "give texts, images or both",
+                                                                    "give texts, images or both")  # fmt: skip
