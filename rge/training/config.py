@@ -86,6 +86,8 @@ class TrainingConfig:
     overwrite_output_dir: bool = False
     """Start afresh in an ``output`` an earlier run trained into (its checkpoints and log are removed)."""
     device: str | None = None
+    ddp_timeout: float = 1800
+    """Seconds a process waits for the others at a collective (under ``torchrun``) before it fails instead."""
     dtype: str | None = None
     """Precision of the forward passes: bfloat16 autocast on CUDA by default, float32 on CPU; bfloat16 on
     CPU too, float16 on CUDA only (with a gradient scaler). Weights and optimiser state stay float32."""
@@ -120,6 +122,7 @@ class TrainingConfig:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"{name} must be at least 1, got {value}")
         _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.ddp_timeout > 0, f"ddp_timeout must be > 0, got {self.ddp_timeout}")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         _check(self.lm_weight >= 0, f"lm_weight must be >= 0, got {self.lm_weight}")
         _check(self.warmup_steps >= 0 and self.save_steps >= 0, "warmup_steps and save_steps must be >= 0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -60,10 +61,13 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_from_environment(device: torch.device) -> bool:
+def init_from_environment(device: torch.device, timeout: float) -> bool:
     """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the environment
-    (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU. Returns whether this call created the group."""
+    (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU. A collective that waits longer than ``timeout`` seconds
+    for another process raises in this one instead of waiting for ever. Returns whether this call created
+    the group."""
     if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     return True

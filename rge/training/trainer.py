@@ -78,7 +78,7 @@ class Trainer:
         config, output = self.config, self.config.output_dir
         device = _process_device(config.device)
         self.precision = precision = training_precision(config.dtype, device)
-        created = init_from_environment(device)
+        created = init_from_environment(device, config.ddp_timeout)
         try:
             self.resumed_from = resume_from = self._check_output(output)
             examples = self._read_examples(output, resume_from)

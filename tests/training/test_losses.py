@@ -3,10 +3,12 @@ positives, and two gloo processes give the loss and gradients of one process on 
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -99,7 +101,9 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def _worker(rank: int, port: int, output: str, negatives_of_rank_0: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
+    )  # a collective the other never joins raises
     try:
         shard = {key: value[2 * rank : 2 * rank + 2] for key, value in _batch().items()}
         split = negatives_of_rank_0  # hard negatives vary by example, so processes may hold different counts
@@ -116,7 +120,14 @@ def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, negat
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path), negatives_of_rank_0), nprocs=2, join=True)
+    processes = mp.start_processes(_worker, args=(port, str(tmp_path), negatives_of_rank_0), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not processes.join(timeout=1):  # raises when a process failed (its traceback in the message)
+        if time.monotonic() > deadline:
+            for process in processes.processes:
+                process.kill()
+            stuck = [rank for rank, process in enumerate(processes.processes) if process.exitcode is None]
+            pytest.fail(f"gloo processes {stuck} did not finish within 300 s (killed)", pytrace=False)
     single_logged, single_grads = _loss_and_grads(_model(), _batch())
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from rge.cli import main
+
+from ..processes import run_bounded
 
 
 def _steps(output: Path) -> list[int]:
@@ -81,8 +82,7 @@ def test_skipped_rows_are_reported_on_the_console(tiny_path, tmp_path):
     command = [sys.executable, "-m", "rge", *_options(tiny_path, tmp_path / "rows.jsonl"), "--max-steps", "2",
                "--output", str(output)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_bounded(command, 600, check=True, env=env)
     errors = output / "errors.jsonl"
     lines = result.stderr.splitlines()
     assert f"1 of 5 rows cannot be used and are skipped, listed in {errors}" in lines

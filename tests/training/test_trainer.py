@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from rge.cli import main
 from rge.training import TrainingConfig, train
 
 from ..conftest import file_modes
-from ..live_server import free_port
+from ..processes import kill_session, run_bounded, start, tail
 from .conftest import document_text, query_text, synthetic_split
 
 
@@ -47,6 +48,9 @@ def test_a_short_run_lifts_held_out_recall_and_saves_a_loadable_model(tiny_path,
     assert [record["step"] for record in log] == list(range(1, 151))
     assert {"loss", "contrastive", "lm", "accuracy", "learning_rate", "samples_per_second"} <= log[0].keys()
     assert log[-1]["contrastive"] < log[0]["contrastive"] and log[-1]["lm"] < log[0]["lm"]
+    accuracy = [record["accuracy"] for record in log]
+    assert all(0 <= value <= 1 and (value * 16).is_integer() for value in accuracy), accuracy  # k of 16 queries
+    assert np.mean(accuracy[:10]) < 0.5 < np.mean(accuracy[-10:]), accuracy  # it learns the task it is taught
     assert any((output / "tensorboard").iterdir())
     encoder = RGEEncoder.from_pretrained(output, device="cpu")
     assert encoder.checkpoint.tokenizer.convert_tokens_to_ids("<emb>") == encoder.checkpoint.emb_token_id
@@ -68,6 +72,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def _wait_for(done: Callable[[], bool], process: subprocess.Popen, timeout: float, said: Path) -> None:
+    """Until ``done()``; the test fails naming what ``process`` wrote to ``said`` when it ends first, or when
+    ``timeout`` seconds pass (a bound for a process that is stuck, not a measure of a slow machine)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        ended, late = process.poll() is not None, time.monotonic() > deadline
+        if ended or late:
+            why = f"ended with {process.returncode}" if ended else f"still running after {timeout:g} s"
+            pytest.fail(f"{process.args[-1]}: {why} before it got there; it wrote:\n{tail(said.read_text())}",
+                        pytrace=False)  # fmt: skip
+        time.sleep(0.1)
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tiny_path, synthetic_data, tmp_path):
     # LoRA with dropout (the RNG state matters) and cached gradients (micro-batches), Adam with warm-up.
     options = ["--model", str(tiny_path), "--data", str(synthetic_data), "--batch-size", "6", "--max-steps", "6",
@@ -75,16 +92,14 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(ti
                "--lora", "--lora-r", "4", "--save-steps", "2", "--device", "cpu", "--no-tensorboard"]  # fmt: skip
     assert main(["train", *options, "--output", str(tmp_path / "whole")]) == 0
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-c", _BLOCK_AT_STEP_5, "train", *options, "--output", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (killed / "checkpoint-4" / "state.json").is_file():
-            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint-4"
-            time.sleep(0.1)
+    killed, said = tmp_path / "killed", tmp_path / "killed.out"
+    command = [sys.executable, "-c", _BLOCK_AT_STEP_5, "train", *options, "--output", str(killed)]
+    with said.open("w") as out:
+        process = start(command, stdout=out, stderr=subprocess.STDOUT)
+    try:  # the checkpoint is renamed into place complete, state.json last; a loaded machine only delays it
+        _wait_for(lambda: (killed / "checkpoint-4" / "state.json").is_file(), process, 900, said)
     finally:
-        process.kill()
+        kill_session(process)
         process.wait()
     assert not (killed / "model.safetensors").exists()
     assert json.loads((killed / "checkpoint-4" / "state.json").read_text())["step"] == 4
@@ -104,16 +119,31 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(ti
     assert steps == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]  # the killed step 5 was never logged
 
 
+def _torchrun(arguments: list[str], logs: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Two processes under ``torchrun`` (bounded: killed with their launcher after 600 s); the end of each
+    one's own output (kept under ``logs``) is in the failure, so that it shows which process was stuck or why."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--log-dir", str(logs), "--redirects", "3", *arguments]  # fmt: skip
+    try:
+        result = run_bounded(command, 600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if check and result.returncode != 0:
+            pytest.fail(f"torchrun exited with {result.returncode}:\n{tail(result.stderr)}", pytrace=False)
+    except pytest.fail.Exception as failure:
+        pytest.fail(f"{failure}\n{_rank_output(logs)}", pytrace=False)
+    return result
+
+
+def _rank_output(logs: Path) -> str:
+    """The end of what each process under ``torchrun --log-dir logs --redirects 3`` wrote, by rank."""
+    files = sorted(logs.rglob("*.log"), key=lambda path: (path.parent.name, path.name))
+    return "\n".join(f"--- rank {path.parent.name}, {path.name}:\n{tail(path.read_text())}" for path in files)
+
+
 def test_two_processes_train_like_one_process_on_the_whole_batch(tiny_path, synthetic_data, held_out_data, tmp_path):
     options = ["--model", str(tiny_path), "--data", str(synthetic_data), "--max-steps", "3", "--max-new-tokens", "4",
                "--learning-rate", "1e-3", "--device", "cpu", "--no-tensorboard"]  # fmt: skip
-    port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(port), "-m", "rge.cli", "train", *options, "--batch-size", "4",
-               "--output", str(tmp_path / "two"), "--eval-data", str(held_out_data)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _torchrun(["-m", "rge.cli", "train", *options, "--batch-size", "4", "--output", str(tmp_path / "two"),
+               "--eval-data", str(held_out_data), "--ddp-timeout", "120"], tmp_path / "ranks")  # fmt: skip
     assert main(["train", *options, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
     logs = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
             for name in ("one", "two")]  # fmt: skip
@@ -129,6 +159,42 @@ def test_two_processes_train_like_one_process_on_the_whole_batch(tiny_path, synt
     # Adam turns rounding-level gradient differences of near-zero gradients into whole steps of the
     # learning rate, so a handful of weights may differ; all others agree to rounding.
     assert float((differences > 1e-5).float().mean()) < 1e-3
+
+
+_RANK_1_FAILS_AT_STEP_2 = """
+import os, sys, time
+import rge.training.trainer as trainer
+from rge.cli import main
+real, calls = trainer.build_step_batch, []
+def build(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        if sys.argv[1] == "raises":
+            raise RuntimeError("rank 1 breaks at step 2")
+        time.sleep(600)  # stuck: the other process must not wait for it for ever
+    return real(*args, **kwargs)
+trainer.build_step_batch = build
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("failure", ["raises", "hangs"])
+def test_a_process_that_fails_alone_ends_the_run_with_its_error(tiny_path, synthetic_data, tmp_path, failure):
+    """The other process is at a collective of step 2: the launcher ends it when rank 1 raises, and
+    ``--ddp-timeout`` makes it raise itself when rank 1 never comes."""
+    script = tmp_path / "fails.py"
+    script.write_text(_RANK_1_FAILS_AT_STEP_2)
+    options = ["train", "--model", str(tiny_path), "--data", str(synthetic_data), "--max-steps", "3",
+               "--batch-size", "2", "--max-new-tokens", "2", "--device", "cpu", "--no-tensorboard",
+               "--output", str(tmp_path / "out"), "--ddp-timeout", "10"]  # fmt: skip
+    result = _torchrun([str(script), failure, *options], tmp_path / "ranks", check=False)
+    assert result.returncode != 0, result.stderr[-3000:]
+    said = _rank_output(tmp_path / "ranks")
+    if failure == "raises":
+        assert "RuntimeError: rank 1 breaks at step 2" in said.split("--- rank 1")[1], said
+    else:
+        assert "timed out" in said.split("--- rank 1")[0].lower(), said  # rank 0's collective gave up
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_bad_set_ups_are_refused_before_training(tiny_path, synthetic_data, tmp_path, capsys):
@@ -161,7 +227,10 @@ def test_a_row_that_fails_when_prepared_is_reported_and_training_goes_on(tiny_pa
     assert {(error["line"], error["step"]) for error in errors} == {(2, 1), (2, 2)}  # in both steps' batch
     assert all("broken.png" in error["error"] for error in errors)
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in log] == [1, 2] and all(record["accuracy"] >= 0 for record in log)
+    assert [record["step"] for record in log] == [1, 2]
+    # Accuracy is over the three rows left in the batch: k of 3 queries found their positive.
+    counts = [record["accuracy"] * 3 for record in log]
+    assert all(0 <= count <= 3 and count == pytest.approx(round(count)) for count in counts), log
 
 
 @pytest.mark.parametrize("mix_tasks", [False, True])
