@@ -5,26 +5,30 @@ from __future__ import annotations
 import io
 import os
 import threading
-import urllib.error
-import urllib.request
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from . import fetching
 from .errors import RGEInputError
+from .fetching import FetchLimits
 from .types import ImageInput
+
+T = TypeVar("T")
 
 MIN_SIDE = 28
 """Images with a side under this are resized up to it on that side first, as the reference does."""
 
 URL_TIMEOUT_SECONDS = 20.0
 URL_MAX_BYTES = 64 * 2**20
-"""An ``http(s)`` image is fetched within this time and size, or refused naming the item."""
+URL_MAX_REDIRECTS = 10
+"""An ``http(s)`` image is fetched within this time, size and number of redirects, or refused naming the item."""
 
 DEFAULT_MIN_PIXELS = 256 * 28 * 28
 DEFAULT_MAX_PIXELS = 1024 * 28 * 28
@@ -56,16 +60,16 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
     if isinstance(image, Image.Image):
         opened = load_pil(image, index)
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
-        opened = _open(io.BytesIO(fetch_url(image, index)), index, f"image at {image!r}")
+        opened = open_image(io.BytesIO(fetch_url(image, index)), f"image at {image!r}", index)
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         opened = from_array(image, index)
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise RGEInputError(f"image file not found: {str(path)!r}", index, "image")
-        opened = _open(path, index, f"image file {str(path)!r}")
+        opened = open_image(path, f"image file {str(path)!r}", index)
     elif isinstance(image, (bytes, bytearray, memoryview)):
-        opened = _open(io.BytesIO(bytes(image)), index, "image bytes")
+        opened = open_image(io.BytesIO(bytes(image)), "image bytes", index)
     else:
         raise RGEInputError(
             f"unsupported image type {type(image).__name__}; expected a PIL image, a path, an http(s) URL, "
@@ -86,18 +90,10 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
 
 
 def fetch_url(url: str, index: int) -> bytes:
-    """The body of ``url``, within ``URL_TIMEOUT_SECONDS`` and ``URL_MAX_BYTES``, or an RGEInputError."""
-    try:
-        with urllib.request.urlopen(url, timeout=URL_TIMEOUT_SECONDS) as response:  # noqa: S310 - http(s) only
-            body = response.read(URL_MAX_BYTES + 1)
-    except urllib.error.HTTPError as error:
-        raise RGEInputError(f"image URL {url!r} answered HTTP {error.code}", index, "image") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise RGEInputError(f"image URL {url!r} could not be fetched ({reason})", index, "image") from None
-    if len(body) > URL_MAX_BYTES:
-        raise RGEInputError(f"image URL {url!r} is larger than {URL_MAX_BYTES} bytes", index, "image")
-    return body
+    """The body of ``url``, within ``URL_TIMEOUT_SECONDS`` and ``URL_MAX_BYTES`` (redirects followed), or an
+    RGEInputError naming item ``index``."""
+    limits = FetchLimits(URL_TIMEOUT_SECONDS, URL_MAX_BYTES, max_redirects=URL_MAX_REDIRECTS)
+    return fetching.fetch_url(url, limits, f"image URL {url!r}", index)
 
 
 def from_array(array: np.ndarray | torch.Tensor, index: int) -> Image.Image:
@@ -130,17 +126,36 @@ def load_pil(image: Image.Image, index: int) -> Image.Image:
     return image
 
 
-def _open(source: Path | io.BytesIO, index: int, what: str) -> Image.Image:
-    try:
-        opened = Image.open(source)
-        opened.load()
-    except UnidentifiedImageError:
-        raise RGEInputError(
-            f"{what} cannot be decoded as an image (not a known image format)", index, "image"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RGEInputError(f"{what} cannot be decoded as an image ({exc})", index, "image") from None
+def open_image(
+    source: Path | io.BytesIO,
+    what: str = "image",
+    index: int | None = None,
+    *,
+    limit: Callable[[int, int], None] | None = None,
+) -> Image.Image:
+    """Decode the image in ``source`` fully, or raise an RGEInputError naming ``what`` and item ``index``.
+
+    ``limit``, when given, is called with the width and height read from the header, before any pixel is
+    decoded, and raises to refuse; PIL's decompression-bomb warning then refuses the image too.
+    """
+    with warnings.catch_warnings():
+        if limit is not None:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        opened = _decoding(lambda: Image.open(source), what, index)
+        if limit is not None:
+            limit(opened.width, opened.height)
+        _decoding(opened.load, what, index)
     return opened
+
+
+def _decoding(step: Callable[[], T], what: str, index: int | None) -> T:
+    try:
+        return step()
+    except UnidentifiedImageError:
+        raise RGEInputError(f"{what} cannot be decoded (not a known image format)", index, "image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:  # fmt: skip
+        raise RGEInputError(f"{what} cannot be decoded ({exc})", index, "image") from None
 
 
 def upsize_small_sides(image: Image.Image) -> Image.Image:

@@ -170,7 +170,8 @@ def test_similarity(encoder):
 
 @pytest.fixture
 def image_server(tmp_path):
-    """A local HTTP server on 127.0.0.1 serving a PNG at /cat.png, a 404 elsewhere, and a slow /slow.png."""
+    """A local HTTP server on 127.0.0.1 serving a PNG at /cat.png, a 404 elsewhere, a slow /slow.png, /moved
+    (a redirect to /cat.png) and /loop (a redirect to itself)."""
     import http.server
     import threading
     import time
@@ -179,6 +180,11 @@ def image_server(tmp_path):
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path in ("/moved", "/loop"):
+                self.send_response(302)
+                self.send_header("Location", "/cat.png" if self.path == "/moved" else "/loop")
+                self.end_headers()
+                return
             if self.path == "/slow.png":
                 time.sleep(1.0)
             if self.path in ("/cat.png", "/slow.png"):
@@ -208,13 +214,16 @@ def test_http_images_are_fetched(encoder, image_server, monkeypatch):
     from_url = encoder.encode_document(["a photo"], images=[f"{base}/cat.png"])
     from_bytes = encoder.encode_document(["a photo"], images=[png])
     np.testing.assert_array_equal(from_url, from_bytes)
+    np.testing.assert_array_equal(encoder.encode_document(["a photo"], images=[f"{base}/moved"]), from_bytes)
+    with pytest.raises(RGEInputError, match=r"item 0: image URL .*/loop' redirected more than 10 times"):
+        encoder.encode_document(["a"], images=[f"{base}/loop"])
     with pytest.raises(RGEInputError, match=r"item 1: image URL .*/missing.png' answered HTTP 404"):
         encoder.encode_document(["a", "b"], images=[None, f"{base}/missing.png"])
     monkeypatch.setattr("rge.images.URL_MAX_BYTES", 100)
-    with pytest.raises(RGEInputError, match="item 0: image URL .* is larger than 100 bytes"):
+    with pytest.raises(RGEInputError, match="item 0: image URL .* body is [0-9]+ bytes; rge fetches at most 100"):
         encoder.encode_document(["a"], images=[f"{base}/cat.png"])
     monkeypatch.setattr("rge.images.URL_TIMEOUT_SECONDS", 0.2)
-    with pytest.raises(RGEInputError, match="item 0: image URL .* could not be fetched"):
+    with pytest.raises(RGEInputError, match="item 0: image URL .* took longer than 0.2 s to fetch"):
         encoder.encode_document(["a"], images=[f"{base}/slow.png"])
 
 
@@ -270,3 +279,11 @@ def test_similarity_checks_the_dimension(encoder):
     for wrong in (np.ones((4, 32)), np.ones(32), np.ones((2, 2, 64))):
         with pytest.raises(RGEInputError, match=f"expected \\({encoder.embedding_dim},\\)"):
             encoder.similarity(vectors, wrong)
+
+
+def test_a_decompression_bomb_is_an_input_error(encoder, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x48 is over twice this: PIL's bomb error
+    with pytest.raises(RGEInputError, match="item 0: image bytes cannot be decoded"):
+        encoder.encode_document("x", images=[image_bytes(make_test_image(64, 48, seed=1))])
