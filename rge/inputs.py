@@ -11,9 +11,7 @@ from PIL import Image
 from .errors import RGEInputError
 from .images import load_image, load_pil
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, VISION_BLOCK, count_image_slots, place_image
-from .types import EncodeInput, ImageInput
-
-_ITEM_KEYS = frozenset({"text", "image"})
+from .types import ITEM_KEYS, EncodeInput, ImageInput
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,10 @@ def _is_image_list(images: object) -> bool:
 
 def _split_entry(entry: object, index: int) -> tuple[str, ImageInput | None]:
     if isinstance(entry, Mapping):
-        unknown = set(entry) - _ITEM_KEYS
+        unknown = set(entry) - set(ITEM_KEYS)
         if unknown:
-            raise RGEInputError(f"unknown keys {sorted(unknown)} in item dict; allowed: 'text', 'image'", index)
+            allowed = ", ".join(map(repr, ITEM_KEYS))
+            raise RGEInputError(f"unknown keys {sorted(unknown)} in item dict; allowed: {allowed}", index)
         text = entry.get("text", "")
         return _check_text(text, index), entry.get("image")
     return _check_text(entry, index), None

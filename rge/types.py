@@ -25,6 +25,9 @@ class MultimodalItem(TypedDict, total=False):
     image: ImageInput | None
 
 
+ITEM_KEYS: tuple[str, ...] = tuple(MultimodalItem.__annotations__)
+"""The keys an item dict may have (``"text"``, ``"image"``), for the encoder, the server and training data."""
+
 TextInput = str | MultimodalItem | Mapping[str, Any]
 """One item: a text, or a ``{"text", "image"}`` dict."""
 EncodeInput = TextInput | Iterable[TextInput]

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import RGEError
+from ..types import ITEM_KEYS
 from .settings import ServerSettings
 
 INPUT_TYPES = ("query", "document")
 ENCODING_FORMATS = ("float", "base64")
-_ITEM_KEYS = frozenset({"text", "image"})
 MAX_PROMPT_CHARACTERS = 4096
 """The longest ``prompt`` a request may carry (it is put before every one of its texts)."""
 REQUEST_FIELDS = ("model", "input", "encoding_format", "dimensions", "user", "input_type", "return_rationales",
@@ -145,9 +145,10 @@ def _item(entry: object, index: int) -> RequestItem:
     if not isinstance(entry, dict):
         raise invalid(f"input[{index}] must be a string or an object with 'text' and/or 'image', "
                       f"got {_json_type(entry)}", param=f"input[{index}]")  # fmt: skip
-    unknown = set(entry) - _ITEM_KEYS
+    unknown = set(entry) - set(ITEM_KEYS)
     if unknown:
-        raise invalid(f"input[{index}] has unknown keys {show(sorted(unknown))}; allowed: 'text', 'image'",
+        allowed = ", ".join(map(repr, ITEM_KEYS))
+        raise invalid(f"input[{index}] has unknown keys {show(sorted(unknown))}; allowed: {allowed}",
                       param=f"input[{index}]")  # fmt: skip
     text = entry.get("text", "")
     if text is None:

@@ -26,6 +26,7 @@ from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
 from ..errors import TrainingDataError
 from ..eval.mmeb import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
+from ..types import ITEM_KEYS
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 
@@ -141,7 +142,7 @@ def _rge_row(record: dict[str, Any], root: Path, default_task: str, file: str, l
 def _negative(entry: Any, root: Path, number: int) -> Side:
     if isinstance(entry, str):
         return Side(entry)
-    if isinstance(entry, dict) and set(entry) <= {"text", "image"} and entry:
+    if isinstance(entry, dict) and set(entry) <= set(ITEM_KEYS) and entry:
         text = entry.get("text") or ""
         if not isinstance(text, str):
             raise TypeError(f"negatives[{number}]['text'] must be a string")
