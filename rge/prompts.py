@@ -20,12 +20,17 @@ def place_image(text: str, has_image: bool) -> str:
     keeps it; otherwise the image goes before the text, as in training. Without an image, markers and
     vision blocks are removed (the MMEB protocol).
     """
-    text = text.replace(MMEB_IMAGE_MARKER, VISION_BLOCK)
-    if not has_image:
-        return text.replace(VISION_BLOCK, "")
-    if VISION_BLOCK in text:
+    text = marker_to_vision(text, has_image)
+    if not has_image or VISION_BLOCK in text:
         return text
     return VISION_BLOCK + text
+
+
+def marker_to_vision(text: str, has_image: bool) -> str:
+    """``text`` with each MMEB marker ``<|image_1|>`` as the vision block; without an image, markers and
+    vision blocks removed."""
+    text = text.replace(MMEB_IMAGE_MARKER, VISION_BLOCK)
+    return text if has_image else text.replace(VISION_BLOCK, "")
 
 
 def count_image_slots(text: str) -> int:

@@ -22,7 +22,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..errors import RGEDataError, RGESettingsError
-from ..prompts import MMEB_IMAGE_MARKER, VISION_BLOCK
+from ..prompts import marker_to_vision
 from ..storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
 GROUPS: dict[str, list[str]] = {
@@ -191,10 +191,8 @@ def read_subset(data_dir: Path, subset: str) -> list[Row]:
 def model_input(pair: Pair, image_dir: Path) -> dict[str, Any]:
     """An encoder item: the marker becomes the vision block, removed when the pair has no image."""
     text, image_path = pair
-    text = text.replace(MMEB_IMAGE_MARKER, VISION_BLOCK)
-    if not image_path:
-        return {"text": text.replace(VISION_BLOCK, "")}
-    return {"text": text, "image": image_dir / image_path}
+    text = marker_to_vision(text, bool(image_path))
+    return {"text": text, "image": image_dir / image_path} if image_path else {"text": text}
 
 
 def predictions(rows: Sequence[Row], queries: dict[Pair, np.ndarray], candidates: dict[Pair, np.ndarray]) -> list[int]:
