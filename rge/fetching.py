@@ -16,6 +16,7 @@ import ssl
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,9 +72,13 @@ def _fetch_once(
     host = (parts.hostname or "").lower()
     if limits.check_host is not None:
         limits.check_host(host)
-    address = _checked_address(host, port, limits, deadline, refuse)
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    connection = _pinned_connection(parts.scheme, host, port, address, _left(deadline), limits, refuse)
+    proxied = _through_proxy(parts, port, _left(deadline)) if limits.private_allowed else None
+    if proxied is not None:
+        connection, target = proxied
+    else:
+        address = _checked_address(host, port, limits, deadline, refuse)
+        connection = _pinned_connection(parts.scheme, host, port, address, _left(deadline), limits, refuse)
     watchdog = threading.Timer(_left(deadline), _shut, args=(connection,))
     watchdog.daemon = True
     watchdog.start()
@@ -94,6 +99,25 @@ def _fetch_once(
     finally:
         watchdog.cancel()
         connection.close()
+
+
+def _through_proxy(
+    parts: urllib.parse.SplitResult, port: int, timeout: float
+) -> tuple[http.client.HTTPConnection, str] | None:
+    """A connection through the proxy the environment names for this URL (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``NO_PROXY``, as urllib reads them) and the request target to send on it; None without one. Only where
+    private addresses are allowed (the encoder): the proxy resolves the host, so no address can be checked."""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    server = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    proxy_host, proxy_port = server.hostname or "", server.port or 80
+    if parts.scheme == "https":
+        tunnel = http.client.HTTPSConnection(proxy_host, proxy_port, timeout=timeout)
+        tunnel.set_tunnel(parts.hostname or "", port)
+        return tunnel, urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    plain = http.client.HTTPConnection(proxy_host, proxy_port, timeout=timeout)
+    return plain, urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path or "/", parts.query, ""))
 
 
 def _left(deadline: float) -> float:

@@ -227,6 +227,39 @@ def test_http_images_are_fetched(encoder, image_server, monkeypatch):
         encoder.encode_document(["a"], images=[f"{base}/slow.png"])
 
 
+def test_image_urls_go_through_the_proxy_the_environment_names(encoder, monkeypatch):
+    """``HTTP_PROXY`` (as urllib reads it) carries the encoder's fetch: a host only the proxy can reach works."""
+    import http.server
+    import threading
+
+    png = image_bytes(make_test_image(64, 48, seed=7))
+    asked: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)  # a proxy is sent the absolute URL
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("http_proxy", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+        through_proxy = encoder.encode_document(["a photo"], images=["http://images.invalid/cat.png"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["http://images.invalid/cat.png"]
+    np.testing.assert_array_equal(through_proxy, encoder.encode_document(["a photo"], images=[png]))
+
+
 def test_arrays_and_tensors_are_images(encoder):
     picture = make_test_image(64, 48, seed=3)
     hwc = np.array(picture)  # a writable copy, as torch.from_numpy wants
