@@ -36,6 +36,9 @@ class FetchLimits:
     private_allowed: bool = True
     """Whether a host may resolve to a private, loopback or link-local address."""
     max_redirects: int = 0
+    use_proxy: bool = False
+    """Whether to go through the proxy the environment names (the encoder; the server connects only to addresses
+    it checked)."""
     fetcher: str = "rge"
     """Who refuses a large body, in its message ("this server")."""
     quote: Callable[[str], str] = repr
@@ -73,7 +76,7 @@ def _fetch_once(
     if limits.check_host is not None:
         limits.check_host(host)
     target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-    proxied = _through_proxy(parts, port, _left(deadline)) if limits.private_allowed else None
+    proxied = _through_proxy(parts, port, _left(deadline)) if limits.use_proxy else None
     if proxied is not None:
         connection, target = proxied
     else:
@@ -105,8 +108,8 @@ def _through_proxy(
     parts: urllib.parse.SplitResult, port: int, timeout: float
 ) -> tuple[http.client.HTTPConnection, str] | None:
     """A connection through the proxy the environment names for this URL (``HTTPS_PROXY``, ``HTTP_PROXY``,
-    ``NO_PROXY``, as urllib reads them) and the request target to send on it; None without one. Only where
-    private addresses are allowed (the encoder): the proxy resolves the host, so no address can be checked."""
+    ``NO_PROXY``, as urllib reads them) and the request target to send on it; None without one. The proxy
+    resolves the host, so no address is checked: ``FetchLimits.use_proxy`` is for the encoder alone."""
     proxy = urllib.request.getproxies().get(parts.scheme)
     if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
         return None

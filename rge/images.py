@@ -92,7 +92,7 @@ def load_image(image: ImageInput, index: int, *, exif_transpose: bool = True) ->
 def fetch_url(url: str, index: int) -> bytes:
     """The body of ``url``, within ``URL_TIMEOUT_SECONDS`` and ``URL_MAX_BYTES`` (redirects followed), or an
     RGEInputError naming item ``index``."""
-    limits = FetchLimits(URL_TIMEOUT_SECONDS, URL_MAX_BYTES, max_redirects=URL_MAX_REDIRECTS)
+    limits = FetchLimits(URL_TIMEOUT_SECONDS, URL_MAX_BYTES, max_redirects=URL_MAX_REDIRECTS, use_proxy=True)
     return fetching.fetch_url(url, limits, f"image URL {url!r}", index)
 
 
