@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..bad_rows import BadRow
 from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
 from ..engine.forward import build_position_ids, forward_prompts
@@ -31,7 +32,7 @@ from ..errors import RGEInputError
 from ..types import KVCache
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
 from .config import DEFAULT_TEMPERATURE
-from .data import BadRow, Side, TrainingDataError, TrainingExample
+from .data import Side, TrainingDataError, TrainingExample
 from .distributed import world_size
 from .losses import JointLoss, global_count, info_nce, joint_loss, next_token_loss_sum
 
@@ -97,7 +98,7 @@ def build_step_batch(
         try:
             prepared.append(_prepare_example(encoder, example, max_negatives))
         except TrainingDataError as error:
-            skipped.append(BadRow(example.file, example.line, str(error)))
+            skipped.append(BadRow(file=example.file, line=example.line, error=str(error)))
     if not prepared:
         raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0].error}")
     prompts = [example.query for example in prepared]
