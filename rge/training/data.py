@@ -25,7 +25,7 @@ from typing import Any
 from ..bad_rows import BadRow, write_bad_rows
 from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
 from ..errors import TrainingDataError
-from ..eval.mmeb import load_rules, rewrite
+from ..mmeb_rules import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
