@@ -17,10 +17,10 @@ from typing import Any, Literal, overload
 import numpy as np
 from tqdm.auto import tqdm
 
+from .bad_rows import ERROR_FILE, BadRow, write_bad_rows
 from .corpus_rows import (
     DEFAULT_FIELDS,
     INPUT_SUFFIXES,
-    BadRow,
     CorpusRow,
     Fields,
     count_rows,
@@ -29,11 +29,10 @@ from .corpus_rows import (
     read_corpus,
 )
 from .errors import RGEInputError, RGEJobError
-from .storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
+from .storage import atomic_write_json, changed_settings, load_arrays, save_arrays
 from .types import CorpusSide, EncoderProtocol
 
 MANIFEST = "manifest.json"
-ERRORS = "errors.jsonl"
 
 
 @dataclass
@@ -191,7 +190,7 @@ def _pending_chunks(
     bad: list[BadRow] = []
     current = None
     for row in rows:
-        shard = plan.shard_of(row.position)
+        shard = plan.shard_of(_position(row))
         if shard in done:
             continue
         if current is not None and (shard != current or len(good) >= chunk_size):
@@ -201,6 +200,12 @@ def _pending_chunks(
         (good if isinstance(row, CorpusRow) else bad).append(row)  # type: ignore[arg-type]
     if good or bad:
         yield good, bad
+
+
+def _position(row: CorpusRow | BadRow) -> int:
+    """A row's position in the input (a corpus's bad rows have one too)."""
+    assert row.position is not None
+    return row.position
 
 
 class _ShardWriter:
@@ -226,7 +231,7 @@ class _ShardWriter:
         rationales: list[str],
         failed: dict[int, str],
     ) -> None:
-        shard = self.plan.shard_of((rows or bad)[0].position)  # type: ignore[operator]
+        shard = self.plan.shard_of(_position((rows or bad)[0]))
         if self.shard is None:
             self._reset(shard)
         good = [row for row in rows if row.position not in failed]
@@ -234,10 +239,9 @@ class _ShardWriter:
         self.ids += [row.id for row in good]
         self.positions += [row.position for row in good]
         self.rationales += rationales
-        self.errors += [
-            _error(row.position, row.line, row.id, failed[row.position]) for row in rows if row.position in failed
-        ]
-        self.errors += [_error(row.position, row.line, row.id, row.error) for row in bad]
+        rejected = [BadRow(position=row.position, line=row.line, id=row.id, error=failed[row.position])
+                    for row in rows if row.position in failed]  # fmt: skip
+        self.errors += [row.record() for row in [*rejected, *bad]]
         if len(self.positions) + len(self.errors) == self.plan.rows_in(shard):
             self._write()
 
@@ -256,10 +260,6 @@ class _ShardWriter:
         self._reset(None)
 
 
-def _error(position: int, line: int, row_id: str | None, message: str) -> dict[str, Any]:
-    return {"position": position, "line": line, "id": row_id, "error": message}
-
-
 def _finish(output: Path, plan: ShardPlan, job: dict[str, Any]) -> JobReport:
     errors: list[dict[str, Any]] = []
     encoded = 0
@@ -267,7 +267,7 @@ def _finish(output: Path, plan: ShardPlan, job: dict[str, Any]) -> JobReport:
         _, meta = load_arrays(ShardPlan.path(output, shard))
         errors += meta["errors"]
         encoded += len(meta["ids"])
-    atomic_write_text(output / ERRORS, "".join(json.dumps(error, ensure_ascii=False) + "\n" for error in errors))
+    write_bad_rows(output / ERROR_FILE, [BadRow(**error) for error in errors])
     atomic_write_json(
         output / MANIFEST,
         {**job, "complete": True, "encoded": encoded, "failed": len(errors), "shards": plan.shards},

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .bad_rows import BadRow
+
 INPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
 
 
@@ -37,16 +39,6 @@ class CorpusRow:
     image: str | bytes | None
 
 
-@dataclass(frozen=True)
-class BadRow:
-    """A row that cannot be encoded, with where it is and why."""
-
-    position: int
-    line: int
-    id: str | None
-    error: str
-
-
 def read_corpus(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[CorpusRow | BadRow]:
     """Stream the rows of a JSONL file (one object per line) or a parquet file, mapped by ``fields``.
 
@@ -62,7 +54,8 @@ def read_corpus(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[C
         if isinstance(row, CorpusRow):
             first = first_line.setdefault(row.id, line)
             if first != line:
-                row = BadRow(position, line, row.id, f"duplicate id {row.id!r} (first at line {first})")
+                message = f"duplicate id {row.id!r} (first at line {first})"
+                row = BadRow(position=position, line=line, id=row.id, error=message)
         yield row
 
 
@@ -137,20 +130,21 @@ def parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
 
 def _row(position: int, line: int, record: Any, base: Path, fields: Fields) -> CorpusRow | BadRow:
     if isinstance(record, json.JSONDecodeError):
-        return BadRow(position, line, None, f"invalid JSON: {record.msg}")
+        return BadRow(position=position, line=line, error=f"invalid JSON: {record.msg}")
     if not isinstance(record, dict):
-        return BadRow(position, line, None, f"expected an object, got {type(record).__name__}")
+        return BadRow(position=position, line=line, error=f"expected an object, got {type(record).__name__}")
     row_id = record.get(fields.id)
     if row_id is None or isinstance(row_id, (dict, list, bool)):
-        return BadRow(position, line, None, f"missing or invalid {fields.id!r}")
+        return BadRow(position=position, line=line, error=f"missing or invalid {fields.id!r}")
     text, image = record.get(fields.text) or "", record.get(fields.image) or None
     if not isinstance(text, str):
-        return BadRow(position, line, str(row_id), f"{fields.text!r} must be a string, got {type(text).__name__}")
+        message = f"{fields.text!r} must be a string, got {type(text).__name__}"
+        return BadRow(position=position, line=line, id=str(row_id), error=message)
     if isinstance(image, dict):  # Hugging Face datasets' image struct
         image = image.get("bytes") or image.get("path") or None
     if image is not None and not isinstance(image, (str, bytes)):
         message = f"{fields.image!r} must be a path string or image bytes, got {type(image).__name__}"
-        return BadRow(position, line, str(row_id), message)
+        return BadRow(position=position, line=line, id=str(row_id), error=message)
     if isinstance(image, str):
         image = str(base / image)
     return CorpusRow(position, line, str(row_id), text, image)

@@ -81,6 +81,7 @@ def test_encode_reports_bad_rows_and_keeps_input_order(encoder, tiny_path, tmp_p
     assert [(e["line"], e["id"]) for e in errors] == [
         (7, "doc-5"), (11, None), (14, "doc-12"), (17, None), (20, "doc-18")
     ]  # fmt: skip
+    assert all(list(e) == ["position", "line", "id", "error"] for e in errors)
     messages = " | ".join(e["error"] for e in errors)
     expected_messages = ["image file not found", "invalid JSON", "'text' must be a string", "missing or invalid 'id'"]
     for expected_message in [*expected_messages, "cannot be decoded"]:

@@ -69,9 +69,14 @@ class ModelBatch:
         )
 
 
+def longest_first(item: TokenizedItem) -> tuple[int, int]:
+    """Sort key: the longest prompt first, ties in input order, so neighbours have similar lengths."""
+    return (-len(item), item.index)
+
+
 def length_sorted_batches(items: Sequence[TokenizedItem], batch_size: int) -> list[list[TokenizedItem]]:
     """Longest first, so that rows of a batch have similar lengths and padding stays small."""
-    ordered = sorted(items, key=lambda item: (-len(item), item.index))
+    ordered = sorted(items, key=longest_first)
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 

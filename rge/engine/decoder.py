@@ -18,10 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .batches import DecodeBatches
-from .batching import ModelBatch, TokenizedItem
+from .batching import ModelBatch, TokenizedItem, longest_first
 from .cache_pool import SlotCachePool
 from .decode_config import GREEDY, DecodeConfig, TokenChoice
-from .rows import longest_first
 from .slot_batches import BATCHES, SlotBatches
 from .stream import DecodeStream, Prefetch
 

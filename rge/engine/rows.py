@@ -91,7 +91,3 @@ def length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[lis
         else:
             groups.append([row])
     return groups
-
-
-def longest_first(item: TokenizedItem) -> tuple[int, int]:
-    return (-len(item), item.index)

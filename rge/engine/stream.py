@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from .batches import DecodeBatches, FinishedRow
-from .batching import TokenizedItem
+from .batching import TokenizedItem, longest_first
 from .memory import release_memory
-from .rows import length_groups, longest_first
+from .rows import length_groups
 
 logger = logging.getLogger("rge.engine")
 

@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from ..errors import RGEDataError, RGESettingsError
+from ..mmeb_rules import load_rules, rewrite
 from ..prompts import marker_to_vision
 from ..storage import atomic_write_json, atomic_write_text, changed_settings, load_arrays, save_arrays
 
@@ -68,29 +66,6 @@ class Row:
 
     query: Pair
     candidates: list[Pair]
-
-
-@cache
-def load_rules(side: str) -> dict[str, dict[str, Any]]:
-    """The authors' per-subset rewrite rules: ``side`` is "query" (eval variant), "candidate" (both), or
-    "training_query" (the training-time variant, keyed by MMEB-train subset names)."""
-    name = {"query": "instruction_replacements-eval.yaml", "candidate": "candidate_replacements.yaml",
-            "training_query": "instruction_replacements.yaml"}[side]  # fmt: skip
-    return dict(yaml.safe_load(resources.files("rge.eval").joinpath(f"data/{name}").read_text(encoding="utf-8")))
-
-
-def rewrite(text: str, rules: dict[str, Any]) -> str:
-    """Apply one subset's rules as the authors do, then add a trailing newline if missing."""
-    value_map = rules.get("value_map")
-    if isinstance(value_map, dict) and text in value_map:
-        text = value_map[text]
-    if rules.get("original") is not None:
-        text = text.replace(rules["original"], rules.get("replacement", ""))
-    if isinstance(rules.get("prefix_add"), str) and rules["prefix_add"]:
-        text = rules["prefix_add"] + text
-    if isinstance(rules.get("suffix_add"), str) and rules["suffix_add"]:
-        text = text + rules["suffix_add"]
-    return text if text.endswith("\n") else text + "\n"
 
 
 def available_subsets(data_dir: Path) -> list[str]:

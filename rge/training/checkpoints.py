@@ -10,19 +10,18 @@ saving leaves the previous one as the latest.
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..storage import atomic_write_json, follow_umask
 from .batches import DataPosition
 from .distributed import barrier, rank
+from .random_state import RandomState
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
@@ -67,7 +66,7 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     barrier()
-    torch.save(_rng_states(), partial / f"rng-{rank()}.pt")
+    torch.save(RandomState.capture().to_dict(), partial / f"rng-{rank()}.pt")
     if rank() == 0:
         save_file({name: p.detach().cpu().contiguous() for name, p in trainable(model).items()}, partial / WEIGHTS_FILE)
         follow_umask(partial / WEIGHTS_FILE)
@@ -105,7 +104,7 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, sched
     rng_file = path / f"rng-{rank()}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{path} was written by fewer processes (no {rng_file.name}); resume with as many")
-    _restore_rng(torch.load(rng_file, weights_only=False))
+    RandomState.from_dict(torch.load(rng_file, weights_only=False)).restore()
 
 
 def restore_weights(path: Path, model: torch.nn.Module) -> None:
@@ -146,16 +145,3 @@ def _saved_dtype(source: Path) -> torch.dtype:
     name = config.get("torch_dtype") or config.get("dtype") or config.get("text_config", {}).get("dtype")
     dtype = getattr(torch, str(name), None) if name else None
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
-
-
-def _rng_states() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}  # fmt: skip
-
-
-def _restore_rng(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bad_rows import BadRow, write_bad_rows
 from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
 from ..errors import TrainingDataError
-from ..eval.mmeb import load_rules, rewrite
+from ..mmeb_rules import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
 from ..types import ITEM_KEYS
 
@@ -62,16 +63,6 @@ class TrainingExample:
         return f"{self.file}:{self.line}"
 
 
-@dataclass(frozen=True)
-class BadRow:
-    """A row that cannot be used, for the error file (``step``: when it failed in a training step)."""
-
-    file: str
-    line: int
-    error: str
-    step: int | None = None
-
-
 def read_training_data(
     paths: Sequence[str | Path],
     *,
@@ -92,7 +83,7 @@ def read_training_data(
             try:
                 examples.append(parse_row(record, root, default_task=_subset_of(path), file=str(path), line=line))
             except (ValueError, TypeError) as error:
-                bad.append(BadRow(str(path), line, str(error)))
+                bad.append(BadRow(file=str(path), line=line, error=str(error)))
     if error_file is not None:
         write_bad_rows(Path(error_file), bad)
     if bad and examples:
@@ -235,12 +226,3 @@ def _subset_of(path: Path) -> str:
     if path.parent.name in load_rules("training_query") or path.parent.name in load_rules("candidate"):
         return path.parent.name
     return path.stem
-
-
-def write_bad_rows(path: Path, bad: Sequence[BadRow], *, append: bool = False) -> None:
-    """``bad`` as JSONL lines (file, line, error, and step when there is one); a fresh file unless ``append``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a" if append else "w", encoding="utf-8") as handle:
-        for row in bad:
-            record = {"file": row.file, "line": row.line, "error": row.error}
-            handle.write(json.dumps(record if row.step is None else {**record, "step": row.step}) + "\n")

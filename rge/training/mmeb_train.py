@@ -22,7 +22,6 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
-import json
 import logging
 import math
 import random
@@ -31,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..bad_rows import BadRow, read_bad_rows, write_bad_rows
 from ..errors import TrainingDataError, require_extra
 from .batches import DataPosition, process_slice
 from .config import TrainingConfig
-from .data import MMEB_COLUMNS, BadRow, TrainingExample, parse_row, read_training_data
+from .data import MMEB_COLUMNS, TrainingExample, parse_row, read_training_data
 from .rationales import Rationales, rationale_files, stray_rationale_files
 
 logger = logging.getLogger("rge.training")
@@ -181,7 +181,7 @@ class MMEBTrainStream:
         try:
             return parse_row(record, self.image_root, default_task=name, file=file, line=line)
         except (ValueError, TypeError) as error:
-            return BadRow(file, line, str(error))
+            return BadRow(file=file, line=line, error=str(error))
 
 
 def open_mmeb_train(
@@ -304,8 +304,5 @@ def read_training_source(
 def keep_bad_rows_through(path: Path, step: int) -> None:
     """Keep the rows ``path`` lists for steps up to ``step`` (none: a fresh run); a resumed run lists the
     later steps' rows again as it redoes them."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-    kept = [line for line in lines if json.loads(line).get("step", step + 1) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if path.is_file():
+        write_bad_rows(path, [row for row in read_bad_rows(path) if row.step is not None and row.step <= step])

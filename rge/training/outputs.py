@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .._about import DISTRIBUTION
+from ..bad_rows import ERROR_FILE
 from ..errors import TrainingSetupError, require_extra
 from .checkpoints import TrainingState, latest_checkpoint
 from .distributed import barrier, rank
 from .retention import TRAINER_STATE_FILE
 
 LOG_FILE = "log.jsonl"
-ERROR_FILE = "errors.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EARLIER_RUN_FILES = (LOG_FILE, "config.json")
 """Files that say a run trained (or saved a model) into the folder before."""

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..bad_rows import BadRow
 from ..encoder import RGEEncoder
 from ..engine.batching import ModelBatch, TokenizedItem
 from ..engine.forward import build_position_ids, forward_prompts
@@ -31,9 +32,10 @@ from ..errors import RGEInputError
 from ..types import KVCache
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
 from .config import DEFAULT_TEMPERATURE
-from .data import BadRow, Side, TrainingDataError, TrainingExample
+from .data import Side, TrainingDataError, TrainingExample
 from .distributed import world_size
 from .losses import JointLoss, global_count, info_nce, joint_loss, next_token_loss_sum
+from .random_state import RandomState
 
 Pass = tuple[ModelBatch, torch.Tensor]
 """One forward over a collated batch: its model inputs and LM labels (``IGNORE_INDEX`` where unlabelled)."""
@@ -97,7 +99,7 @@ def build_step_batch(
         try:
             prepared.append(_prepare_example(encoder, example, max_negatives))
         except TrainingDataError as error:
-            skipped.append(BadRow(example.file, example.line, str(error)))
+            skipped.append(BadRow(file=example.file, line=example.line, error=str(error)))
     if not prepared:
         raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0].error}")
     prompts = [example.query for example in prepared]
@@ -229,14 +231,14 @@ def _cached_backward(
     chunks = [(name, start // size, part[start : start + size]) for name, part in
               (("supervision", step.supervision), ("queries", step.queries), ("candidates", step.candidates))
               for start in range(0, len(part), size)]  # fmt: skip  # a candidates chunk is last: it syncs
-    states: list[_RandomState | None] = []
+    states: list[RandomState | None] = []
     embeddings: dict[str, list[torch.Tensor]] = {"queries": [], "candidates": []}
     with torch.no_grad():
         for name, _, chunk in chunks:
-            states.append(_RandomState.capture() if name in embeddings else None)
+            states.append(RandomState.capture() if name in embeddings else None)
             if name in embeddings:  # the LM branch needs no first pass
                 embeddings[name].append(module([collate(chunk)])[0].embeddings)
-    after = _RandomState.capture()
+    after = RandomState.capture()
     queries = torch.cat(embeddings["queries"]).requires_grad_()
     candidates = torch.cat(embeddings["candidates"]).requires_grad_()
     contrastive = _contrastive(queries, candidates, step, temperature)
@@ -256,20 +258,3 @@ def _cached_backward(
         lm_total = lm_total + output.lm_sum.detach()
     after.restore()
     return joint_loss(contrastive, lm_total / count.clamp(min=1), lm_weight)
-
-
-@dataclass
-class _RandomState:
-    """The RNG state a micro-batch's forward starts from, so its second forward draws the same dropout."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None
-
-    @classmethod
-    def capture(cls) -> _RandomState:
-        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)

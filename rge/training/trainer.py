@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..bad_rows import ERROR_FILE, BadRow, write_bad_rows
 from ..encoder import RGEEncoder
 from ..errors import TrainingSetupError, require_extra
 from ..loading import choose_device
@@ -41,11 +42,11 @@ from .checkpoints import (
     trainable,
 )
 from .config import TrainingConfig
-from .data import BadRow, TrainingExample, read_training_data, write_bad_rows
+from .data import TrainingExample, read_training_data
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .evaluation import evaluate_retrieval, warn_if_collapsed
 from .mmeb_train import MMEBTrainStream, read_training_source
-from .outputs import ERROR_FILE, RunLog, check_output, report_skipped, require_reporters
+from .outputs import RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .retention import best_checkpoint, keep_checkpoints
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass

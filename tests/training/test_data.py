@@ -99,6 +99,7 @@ def test_bad_rows_go_to_the_error_file_with_their_line(tmp_path):
     assert [row.query.text for row in rows] == ["fine"]
     errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert [error["line"] for error in errors] == [2, 3, 4, 5, 6, 7, 8]
+    assert all(list(error) == ["file", "line", "error"] and error["file"] == str(data) for error in errors)
     messages = [error["error"] for error in errors]
     assert "invalid JSON" in messages[0] and "'query'" in messages[1] and "missing.png" in messages[2]
     assert "'negatives' must be a list" in messages[3] and "qry_image_path" in messages[4]

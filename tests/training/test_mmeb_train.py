@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rge.bad_rows import BadRow
 from rge.cli import main
 from rge.training import DataPosition, TrainingDataError, TrainingExample, open_mmeb_train, read_training_data
-from rge.training.data import BadRow
 
 from .mmeb_train_fixture import MISSING_IMAGE, build_mmeb_train_snapshot, rationale
 
@@ -68,7 +68,7 @@ def test_a_snapshot_streams_its_rows_rewritten_and_joined_with_their_rationales(
 
     coco = str(data / "MSCOCO_t2i" / "original-00000-of-00001.parquet")
     assert [row for row in rows if isinstance(row, BadRow)] == [
-        BadRow(coco, 3, f"image path {str(images / MISSING_IMAGE)!r} does not exist")
+        BadRow(file=coco, line=3, error=f"image path {str(images / MISSING_IMAGE)!r} does not exist")
     ]
     said = " | ".join(record.getMessage() for record in caplog.records)
     assert "HatefulMemes: 1 of 5 rows have no rationale" in said
