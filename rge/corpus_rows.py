@@ -105,6 +105,14 @@ def _keys(path: Path, size: int, modified_ns: int) -> frozenset[str]:
     return frozenset(keys)
 
 
+def stored_image(value: Any) -> Any:
+    """An image column's value as a path or bytes: the bytes of a Hugging Face datasets image struct
+    (``{"bytes", "path"}``), else its path; any other value as it is (the callers check its type)."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path")
+    return value
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object or the JSONDecodeError) per non-blank line."""
     with path.open(encoding="utf-8", errors="replace") as handle:
@@ -140,8 +148,7 @@ def _row(position: int, line: int, record: Any, base: Path, fields: Fields) -> C
     if not isinstance(text, str):
         message = f"{fields.text!r} must be a string, got {type(text).__name__}"
         return BadRow(position=position, line=line, id=str(row_id), error=message)
-    if isinstance(image, dict):  # Hugging Face datasets' image struct
-        image = image.get("bytes") or image.get("path") or None
+    image = stored_image(image) or None
     if image is not None and not isinstance(image, (str, bytes)):
         message = f"{fields.image!r} must be a path string or image bytes, got {type(image).__name__}"
         return BadRow(position=position, line=line, id=str(row_id), error=message)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bad_rows import BadRow, write_bad_rows
-from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records
+from ..corpus_rows import INPUT_SUFFIXES, jsonl_records, parquet_records, stored_image
 from ..errors import TrainingDataError
 from ..mmeb_rules import load_rules, rewrite
 from ..prompts import EMB_TOKEN, MMEB_IMAGE_MARKER
@@ -195,8 +195,7 @@ def _text(record: dict[str, Any], key: str, *, required: bool = False) -> str:
 def _image(value: Any, root: Path, what: str) -> str | bytes | None:
     if value is None:
         return None
-    if isinstance(value, dict):  # Hugging Face datasets' image struct
-        value = value.get("bytes") or value.get("path")
+    value = stored_image(value)
     if isinstance(value, bytes):
         return value
     if not isinstance(value, str):

@@ -46,6 +46,18 @@ def test_image_root_and_parquet(tmp_path):
     assert [row.query for row in rows] == [Side("q1", str(tmp_path / "images" / "a.png")), Side("q2")]
 
 
+def test_hugging_face_image_structs_give_their_bytes_else_their_path(tmp_path):
+    """A parquet column of ``{"bytes", "path"}`` structs, as Hugging Face datasets store images."""
+    (tmp_path / "images").mkdir()
+    make_test_image(40, 30).save(tmp_path / "images" / "a.png")
+    png = (tmp_path / "images" / "a.png").read_bytes()
+    structs = [{"bytes": png, "path": "ignored.png"}, {"bytes": None, "path": "a.png"}]
+    table = pa.table({"query": ["q1", "q2"], "query_image": structs, "positive": ["p1", "p2"]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    rows = read_training_data([tmp_path / "rows.parquet"], image_root=tmp_path / "images")
+    assert [row.query for row in rows] == [Side("q1", png), Side("q2", str(tmp_path / "images" / "a.png"))]
+
+
 def test_mmeb_train_rows_are_rewritten_per_subset_as_the_authors_train(tmp_path):
     folder = tmp_path / "HatefulMemes"
     folder.mkdir()
