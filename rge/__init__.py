@@ -12,10 +12,10 @@ first use (torch with them, transformers only when a model loads), so ``rge --he
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._about import DISTRIBUTION, __version__
+from ._lazy import lazy_exports
 from .errors import RGECheckpointError, RGEError, RGEInputError, RGEMissingExtraError, RGEModelNotFoundError
 
 if TYPE_CHECKING:
@@ -40,13 +40,4 @@ _LAZY = {"RGEEncoder": ".encoder", "Rationales": ".types", "load_embeddings": ".
 """Public names imported on first use, and the module each comes from."""
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later look-ups do not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
