@@ -107,3 +107,15 @@ def mixed_items() -> list[tuple[str, object]]:
         ("", make_test_image(333, 222, seed=5)),
         ("Is the umbrella red or blue?", None),
     ]
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Two small PNG files on disk (paths as str), for the adapters that take image paths."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for seed in (1, 2):
+        path = folder / f"img{seed}.png"
+        make_test_image(60 + 10 * seed, 50, seed=seed).save(path)
+        paths.append(str(path))
+    return paths

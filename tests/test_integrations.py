@@ -19,17 +19,6 @@ QUERY = "What is in the image?"
 DOCUMENTS = ["A cat and a dog.", "A cat and a tiger."]
 
 
-@pytest.fixture(scope="module")
-def image_paths(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    paths = []
-    for seed in (1, 2):
-        path = folder / f"img{seed}.png"
-        make_test_image(60 + 10 * seed, 50, seed=seed).save(path)
-        paths.append(str(path))
-    return paths
-
-
 def test_langchain(encoder, image_paths, tiny_path):
     from rge.integrations.langchain import RGEEmbeddings
 

@@ -5,19 +5,6 @@ from typing import Any
 
 import pytest
 
-from rge.testing import make_test_image
-
-
-@pytest.fixture(scope="module")
-def image_paths(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    folder = tmp_path_factory.mktemp("images")
-    paths = []
-    for seed in (1, 2):
-        path = folder / f"img{seed}.png"
-        make_test_image(60 + 10 * seed, 50, seed=seed).save(path)
-        paths.append(str(path))
-    return paths
-
 
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
