@@ -26,8 +26,8 @@ from ..engine.batching import TokenizedItem
 from ..errors import RGEInputError
 from ..prompts import resolve_prompt
 from .bodies import check_shape, parse_json
-from .images import ImageRejected, PixelBudget, image_bytes, is_url, open_image
 from .protocol import APIError, EmbeddingRequest, invalid, parse_request
+from .request_images import ImageRejected, PixelBudget, image_bytes, is_url, open_image
 from .scheduler import ServedEncoder
 from .settings import ServerSettings
 

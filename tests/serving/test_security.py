@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from rge.serving import ServerSettings
-from rge.serving.images import host_allowed
+from rge.serving.request_images import host_allowed
 
 from ..test_candidates import cosine
 from .conftest import png_bytes, running_server
