@@ -24,10 +24,10 @@ from rge.encoder import RGEEncoder  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
 from rge.engine.generation import GenerationSettings  # noqa: E402
 from rge.engine.kv_cache import SlotCache  # noqa: E402
-from rge.images import VisionPreprocessor  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402
 from rge.testing import BASE_MODEL_DECODING, QWEN25_VL_CHAT_TEMPLATE, build_tiny_tokenizer, make_test_image  # noqa: E402
+from rge.vision import VisionPreprocessor  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv": 2, "ffn": 128, "vision": (2, 32, 2, 64)},

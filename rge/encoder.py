@@ -16,7 +16,6 @@ from .engine.decode_config import GREEDY, DecodeConfig, TokenChoice
 from .engine.generation import GenerationSettings
 from .engine.pooling import l2_normalize
 from .errors import RGEInputError
-from .images import pixel_budget
 from .loading import (
     LoadedCheckpoint,
     choose_attention,
@@ -41,6 +40,7 @@ from .types import (
     Rationales,
     TextInput,
 )
+from .vision import pixel_budget
 
 # The engine's modules that import transformers are imported where they are used, when a model is loaded or
 # run: ``from rge import RGEEncoder`` costs little more than torch (docs/performance.md, "Start-up").

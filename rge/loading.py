@@ -21,8 +21,8 @@ import torch
 
 from .engine.generation import GENERATION_CONFIG_FILE, GenerationSettings
 from .errors import RGECheckpointError, RGEInputError, RGEModelNotFoundError, require_extra
-from .images import VisionPreprocessor, pixel_budget
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
+from .vision import VisionPreprocessor, pixel_budget
 
 CHECKPOINT_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 """What a hub download fetches: configs, weights, tokenizer files, the chat template."""

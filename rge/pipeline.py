@@ -26,11 +26,11 @@ import torch
 
 from .engine.batching import TokenizedItem
 from .errors import RGEInputError
-from .images import PreparedImage, VisionPreprocessor
 from .inputs import make_item, split_inputs
 from .prompts import PromptTemplate
 from .tokenization import PromptTokenizer
 from .types import ImageInput
+from .vision import PreparedImage, VisionPreprocessor
 
 CHUNK = 8
 """Items one worker prepares at a time."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from .engine.batching import TokenizedItem
 from .errors import RGEInputError
-from .images import PreparedImage
+from .vision import PreparedImage
 
 TAIL_CHARACTERS = 64
 """Characters at the end of a cut prompt whose words may tokenize differently once the text goes on (a

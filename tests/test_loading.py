@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rge import RGECheckpointError, RGEEncoder, RGEModelNotFoundError
-from rge.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from rge.loading import choose_attention, choose_device, choose_dtype, read_generation_settings
 from rge.testing import EMB, build_tiny_checkpoint, install_in_hf_cache, make_test_image
+from rge.vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
 

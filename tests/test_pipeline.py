@@ -15,9 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rge.errors import RGEInputError
-from rge.images import VisionPreprocessor
 from rge.testing import make_test_image
 from rge.tokenization import PromptTokenizer
+from rge.vision import VisionPreprocessor
 
 from .conftest import MAX_PIXELS, MIN_PIXELS, load_tiny
 
@@ -207,7 +207,7 @@ def test_an_exact_fit_passes_and_one_token_more_is_refused(encoder):
 
 
 def test_encode_does_its_image_work_in_the_workers_and_equals_one_item_at_a_time(encoder, monkeypatch):
-    from rge.images import VisionPreprocessor as Vision
+    from rge.vision import VisionPreprocessor as Vision
 
     threads: dict[str, set[str]] = {"prepare": set(), "patches": set()}
     for name in threads:

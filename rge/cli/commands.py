@@ -32,7 +32,7 @@ def load_encoder(model: str, options: dict[str, Any], *, offer_tiny: bool = Fals
 
 def pixel_budget(args: argparse.Namespace) -> dict[str, int]:
     """The image budget a run records: the options given, else the paper's defaults."""
-    from ..images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+    from ..vision import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
     return {"min_pixels": args.min_pixels or DEFAULT_MIN_PIXELS, "max_pixels": args.max_pixels or DEFAULT_MAX_PIXELS}
 

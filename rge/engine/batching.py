@@ -1,7 +1,7 @@
 """Prepared items -> left-padded model batches, formed by length.
 
 Items arrive with their prompt ids already expanded (one id per visual token) and their image already
-resized (``rge.images.PreparedImage``); building a batch only pads ids and concatenates patches that a
+resized (``rge.vision.PreparedImage``); building a batch only pads ids and concatenates patches that a
 worker usually computed ahead of time, so the thread that runs the model does no image work.
 """
 
@@ -17,7 +17,7 @@ IMAGE_TOKEN_TYPE = 1
 
 
 class ImagePatches(Protocol):
-    """What a batch needs of an item's image (``rge.images.PreparedImage`` is one)."""
+    """What a batch needs of an item's image (``rge.vision.PreparedImage`` is one)."""
 
     grid: tuple[int, int, int]
     tokens: int

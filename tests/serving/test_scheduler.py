@@ -221,9 +221,9 @@ def test_request_timeout_answers_504_and_frees_the_batch(encoder, held_steps, mo
 def test_the_engine_thread_only_runs_the_model(encoder, monkeypatch):
     """Decoding, resizing, patching and tokenizing happen in the input workers, never on the engine thread
     nor on the event loop, for queries and documents alike."""
-    from rge.images import VisionPreprocessor
     from rge.serving import preparation
     from rge.tokenization import PromptTokenizer
+    from rge.vision import VisionPreprocessor
 
     threads: dict[str, set[str]] = {}
 
