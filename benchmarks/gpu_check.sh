@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a timeout, its outpu
 python -c "import torch, platform; print(platform.platform(), 'torch', torch.__version__, 'cuda',
 torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" > "$out/machine.txt" 2>&1
 tests="tests/test_queries.py tests/test_kv_cache.py tests/test_stream.py tests/test_cache_pool.py
-tests/test_static_step.py tests/test_generation.py tests/test_batches.py tests/test_vision_attention.py"
+tests/test_static_step.py tests/test_decoding_settings.py tests/test_batches.py tests/test_vision_attention.py"
 if [ "${RGE_CHECK_QUICK:-0}" = 1 ]; then
   tests="tests/test_static_step.py"
   size=tiny run=(--queries 4 --documents 4 --batch-sizes 4 --budget 4 --floor-batch 4)

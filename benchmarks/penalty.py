@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rge.engine.generation import apply_repetition_penalty, row_token_ids  # noqa: E402
+from rge.engine.decoding_settings import apply_repetition_penalty, row_token_ids  # noqa: E402
 
 VOCAB, HIDDEN, PROMPT = 151_936, 2048, 600
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rge.encoder import RGEEncoder  # noqa: E402
 from rge.engine.decoder import ReasoningDecoder  # noqa: E402
-from rge.engine.generation import GenerationSettings  # noqa: E402
+from rge.engine.decoding_settings import GenerationSettings  # noqa: E402
 from rge.engine.kv_cache import SlotCache  # noqa: E402
 from rge.loading import LoadedCheckpoint  # noqa: E402
 from rge.prompts import PromptTemplate  # noqa: E402

@@ -6,8 +6,9 @@
 >>> documents = encoder.encode_document(["A cat and a dog.", "A cat and a tiger."])  # doctest: +SKIP
 >>> encoder.similarity(queries, documents)                          # doctest: +SKIP
 
-``import rge`` loads no model code: ``RGEEncoder``, ``Rationales`` and ``load_embeddings`` are imported on
-first use (torch with them, transformers only when a model loads), so ``rge --help`` answers at once.
+``import rge`` loads no model code: ``RGEEncoder``, ``Rationales``, ``load_embeddings`` and
+``RGEDecodingWarning`` are imported on first use (torch with them, transformers only when a model loads), so
+``rge --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from .errors import RGECheckpointError, RGEError, RGEInputError, RGEMissingExtra
 if TYPE_CHECKING:
     from .corpus import load_embeddings
     from .encoder import RGEEncoder
+    from .engine.decoding_settings import RGEDecodingWarning
     from .types import Rationales
 
 __all__ = [
     "DISTRIBUTION",
     "RGECheckpointError",
+    "RGEDecodingWarning",
     "RGEEncoder",
     "RGEError",
     "RGEInputError",
@@ -36,7 +39,12 @@ __all__ = [
     "load_embeddings",
 ]
 
-_LAZY = {"RGEEncoder": ".encoder", "Rationales": ".types", "load_embeddings": ".corpus"}
+_LAZY = {
+    "RGEEncoder": ".encoder",
+    "RGEDecodingWarning": ".engine.decoding_settings",
+    "Rationales": ".types",
+    "load_embeddings": ".corpus",
+}
 """Public names imported on first use, and the module each comes from."""
 
 

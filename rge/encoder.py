@@ -13,7 +13,7 @@ import torch
 from .encode_methods import EncodeMethods
 from .engine.batching import ModelBatch, TokenizedItem, collate
 from .engine.decode_config import GREEDY, DecodeConfig, TokenChoice
-from .engine.generation import GenerationSettings
+from .engine.decoding_settings import GenerationSettings
 from .engine.pooling import l2_normalize
 from .errors import RGEInputError
 from .loading import (

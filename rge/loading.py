@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .engine.generation import GENERATION_CONFIG_FILE, GenerationSettings
+from .engine.decoding_settings import GENERATION_CONFIG_FILE, GenerationSettings
 from .errors import RGECheckpointError, RGEInputError, RGEModelNotFoundError, require_extra
 from .prompts import EMB_TOKEN, IMAGE_PAD_TOKEN, PromptTemplate
 from .vision import VisionPreprocessor, pixel_budget

@@ -5,7 +5,7 @@ A decode step feeds each row the token it chose last, with explicit 3-D position
 rows, as ``generate`` does), and reads the final-norm hidden states. A row whose fed token is ``<emb>``, or
 whose fed token is its ``max_new_tokens``-th, is finished: that hidden state is its embedding, exactly
 the one the reference's extra forward pass computes. Every other row chooses its next token: the logits
-of its hidden state, the repetition penalty over the ids it holds (``generation.py``), the token choice
+of its hidden state, the repetition penalty over the ids it holds (``decoding_settings.py``), the token choice
 (the arg-max). All of it stays on the device; the host reads the step's results once, which rows
 finished, then takes them out of the batch.
 """
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .batching import ModelBatch, TokenizedItem
 from .decode_attention import step_mask
 from .decode_config import DecodeConfig, TokenChoice
+from .decoding_settings import RGEDecodingWarning, apply_repetition_penalty, row_token_ids, top_p_holds
 from .forward import build_position_ids, forward_prompts
-from .generation import RGEDecodingWarning, apply_repetition_penalty, row_token_ids, top_p_holds
 from .rows import DynamicRows
 
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from .generation import GenerationSettings
+from .decoding_settings import GenerationSettings
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class TokenChoice(Protocol):
 
 
 class Greedy:
-    """The arg-max: what the checkpoint's generation config asks for (``generation.py``)."""
+    """The arg-max: what the checkpoint's generation config asks for (``decoding_settings.py``)."""
 
     def admit(self, rows: Sequence[int], keys: Sequence[Hashable]) -> None:
         """Greedy choice needs nothing of the queries."""

@@ -1,7 +1,7 @@
 """The query path: batched greedy rationale decoding that captures ``<emb>`` in the step that feeds it.
 
 One running batch shares a KV cache (``batches.py`` holds the step; ``slot_batches.py`` the preallocated
-kinds). Tokens are chosen as the checkpoint's generation config chooses them (``generation.py``): the
+kinds). Tokens are chosen as the checkpoint's generation config chooses them (``decoding_settings.py``): the
 arg-max after the repetition penalty. Finished rows leave the cache at once, and with admission on,
 waiting queries are prefilled and merged into the running batch when enough rows have left, as
 continuous-batching servers do (``stream.py``: the same loop takes queries that arrive while others

@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rge import RGEEncoder, RGEInputError
-from rge.engine.generation import (
-    GenerationSettings,
-    RGEDecodingWarning,
-    apply_repetition_penalty,
-    row_token_ids,
-)
+from rge import RGEDecodingWarning, RGEEncoder, RGEInputError
+from rge.engine.decoding_settings import GenerationSettings, apply_repetition_penalty, row_token_ids
 
 from .conftest import BUDGET, MAX_PIXELS, MIN_PIXELS
 from .reference import Reference
