@@ -1,4 +1,6 @@
-"""Prepared items -> left-padded model batches, formed by length.
+"""Prepared items -> left-padded model batches, formed by length: batches of a fixed size
+(``length_sorted_batches``) or, for a decode's prefill, groups whose padding stays within a bound
+(``length_groups``).
 
 Items arrive with their prompt ids already expanded (one id per visual token) and their image already
 resized (``rge.vision.PreparedImage``); building a batch only pads ids and concatenates patches that a
@@ -78,6 +80,20 @@ def length_sorted_batches(items: Sequence[TokenizedItem], batch_size: int) -> li
     """Longest first, so that rows of a batch have similar lengths and padding stays small."""
     ordered = sorted(items, key=longest_first)
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+
+
+def length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[list[TokenizedItem]]:
+    """Split longest-first ``rows`` into runs whose left padding stays within ``max_padding`` of their tokens."""
+    groups: list[list[TokenizedItem]] = []
+    for row in rows:
+        group = groups[-1] if groups else None
+        if group is not None and sum(map(len, group)) + len(row) >= (1 - max_padding) * len(group[0]) * (
+            len(group) + 1
+        ):
+            group.append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def collate(

@@ -1,4 +1,5 @@
-"""The state of rows being decoded together in a ``DynamicCache``, and how queries are grouped for prefill.
+"""The state of rows being decoded together in a ``DynamicCache``: their cache, mask, positions, next tokens,
+the tokens generated so far and the ids the repetition penalty reads.
 
 Rows are identified by their output row (the stream's row for the query). ``DynamicRows`` is what a
 prefill gives every cache kind (the newcomers), and the running batch of the dynamic kind; the slot kinds
@@ -13,8 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from .batching import TokenizedItem
 
 
 @dataclass
@@ -77,17 +76,3 @@ class DynamicRows:
 def pad_ids(token_ids: torch.Tensor, width: int) -> torch.Tensor:
     """Rows' ids left-padded to ``width`` with each row's own first id (the penalty reads them as a set)."""
     return torch.cat([token_ids[:, :1].expand(-1, width - token_ids.shape[1]), token_ids], dim=1)
-
-
-def length_groups(rows: Sequence[TokenizedItem], max_padding: float) -> list[list[TokenizedItem]]:
-    """Split longest-first ``rows`` into runs whose left padding stays within ``max_padding`` of their tokens."""
-    groups: list[list[TokenizedItem]] = []
-    for row in rows:
-        group = groups[-1] if groups else None
-        if group is not None and sum(map(len, group)) + len(row) >= (1 - max_padding) * len(group[0]) * (
-            len(group) + 1
-        ):
-            group.append(row)
-        else:
-            groups.append([row])
-    return groups

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 
 from .batches import DecodeBatches, FinishedRow
-from .batching import TokenizedItem, longest_first
+from .batching import TokenizedItem, length_groups, longest_first
 from .memory import release_memory
-from .rows import length_groups
 
 logger = logging.getLogger("rge.engine")
 
