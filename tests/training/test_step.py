@@ -1,9 +1,12 @@
 """A training step: the contrastive branch embeds the model's own rationale exactly as the query path does
-(never the supervision rationale), and cached gradients (GradCache) equal the one-pass gradient."""
+(never the supervision rationale), and cached gradients (GradCache) equal the one-pass gradient, each
+micro-batch's second forward drawing the dropout of its first."""
 
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +100,50 @@ def test_cached_gradients_equal_the_one_pass_gradient(trainable_encoder):
         scale = grad.abs().max().clamp(min=1e-8)
         assert ((cached[name] - grad).abs().max() / scale) < 1e-4, name
     assert whole_loss["lm"] > 0 and whole_loss["contrastive"] > 0
+
+
+class _Recording(EmbeddingModule):
+    """The step's module, keeping the embeddings of every pass and whether it ran with a graph."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.passes: list[tuple[bool, torch.Tensor]] = []
+
+    def forward(self, passes):
+        outputs = super().forward(passes)
+        self.passes += [(torch.is_grad_enabled(), output.embeddings.detach().clone()) for output in outputs]
+        return outputs
+
+
+@pytest.fixture
+def dropout_encoder(tiny_path, tmp_path) -> RGEEncoder:
+    """The tiny checkpoint with its config's ``attention_dropout`` at 0.3, trainable and in training mode."""
+    path = shutil.copytree(tiny_path, tmp_path / "dropout")
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config["attention_dropout"] = 0.3
+    (path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    encoder = RGEEncoder.from_pretrained(path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    encoder.model.requires_grad_(True).train()
+    return encoder
+
+
+def test_cached_gradients_replay_each_micro_batch_with_the_dropout_of_its_first_forward(dropout_encoder):
+    """The contrastive gradient is taken at the first forward's embeddings; the second forward (with its graph)
+    must compute those same embeddings, so it must draw the same dropout masks. (Dropout draws in another order
+    over the whole batch, so the one-pass gradient is not the reference here.)"""
+    encoder = dropout_encoder
+    step = build_step_batch(encoder, _examples(), max_new_tokens=BUDGET, max_negatives=1)
+    module, collate = _Recording(encoder.model), functools.partial(collate_pass, encoder)
+    torch.manual_seed(0)
+    backward_step(module, step, collate, temperature=0.05, micro_batch_size=2)
+    first = [embeddings for graph, embeddings in module.passes if not graph]
+    second = [embeddings for graph, embeddings in module.passes if graph]
+    assert len(first) == 2 + 3 and len(second) == 2 + len(first)  # micro-batches of queries, candidates (supervision)
+    for number, (drawn, replayed) in enumerate(zip(first, second[2:])):  # the same micro-batches, in the same order
+        assert torch.equal(replayed, drawn), f"micro-batch {number}: max difference {(replayed - drawn).abs().max()}"
+    with torch.no_grad():  # dropout is on: the first micro-batch again, with the generator where it now is
+        (again,) = module([collate(step.queries[:2])])
+    assert (again.embeddings - first[0]).abs().max() > 1e-3
 
 
 def test_the_passes_lm_sum_is_the_language_model_loss_over_full_logits(encoder):
