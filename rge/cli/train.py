@@ -23,7 +23,7 @@ from .options import (
 
 
 def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
-    from ..training.config import EVAL_METRICS, REPORTERS, SCHEDULERS, TrainingConfig
+    from ..training.config import EVAL_METRICS, OPTIMIZERS, REPORTERS, SCHEDULERS, WEIGHTS_DTYPES, TrainingConfig
 
     default = dataclass_defaults(TrainingConfig)
     train = commands.add_parser("train", parents=[common], help="fine-tune RGE on your own data (joint objective)")
@@ -47,8 +47,14 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--micro-batch-size", type=positive_int,
                        help="rows per forward with a graph; smaller than --batch-size: cached gradients (default: "
                        "the batch)")  # fmt: skip
-    train.add_argument("--learning-rate", type=positive_float, default=default["learning_rate"], help="AdamW's")
-    train.add_argument("--weight-decay", type=float, default=default["weight_decay"], help="AdamW's")
+    train.add_argument("--learning-rate", type=positive_float, default=default["learning_rate"],
+                       help="the optimiser's")  # fmt: skip
+    train.add_argument("--weight-decay", type=float, default=default["weight_decay"], help="the optimiser's")
+    train.add_argument("--optim", choices=OPTIMIZERS, default=default["optim"],
+                       help=f"adamw: float32 moments; adamw_8bit: 8-bit moments (pip install '{DISTRIBUTION}"
+                       "[train-8bit]'); adafactor: a factored second moment")  # fmt: skip
+    train.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default=default["weights_dtype"],
+                       help="how frozen weights are stored; bfloat16 needs --lora (adapters stay float32)")  # fmt: skip
     train.add_argument("--warmup-steps", type=int, default=default["warmup_steps"], help="linear warm-up steps")
     train.add_argument("--scheduler", choices=SCHEDULERS, default=default["scheduler"],
                        help="learning rate after the warm-up")  # fmt: skip
@@ -129,8 +135,8 @@ def training_config(args: argparse.Namespace) -> Any:
             lora_dropout=args.lora_dropout, dora=not args.no_dora, gradient_checkpointing=args.gradient_checkpointing,
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
             ddp_timeout=args.ddp_timeout, overwrite_output_dir=args.overwrite_output_dir,
-            dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-            repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
+            dtype=args.dtype, optim=args.optim, weights_dtype=args.weights_dtype, min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels, repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
             eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to,
             save_total_limit=args.save_total_limit, metric_for_best_model=args.metric_for_best_model,
             greater_is_better=args.greater_is_better, load_best_model_at_end=args.load_best_model_at_end, **extra,

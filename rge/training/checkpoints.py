@@ -124,11 +124,11 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def export_model(model: Any, source: Path, output: Path, *, tokenizer: Any = None) -> None:
-    """Save ``model`` (a PEFT model is merged first) with ``source``'s tokenizer, processor, chat template
-    and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly.
+    """Save ``model`` (a PEFT model is merged first, in float32) with ``source``'s tokenizer, processor, chat
+    template and generation config, in ``source``'s weight dtype: a checkpoint ``RGEEncoder`` loads directly.
     ``tokenizer`` (a base model's with ``<emb>`` added) is saved over the source's tokenizer files."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    if hasattr(model, "merge_and_unload"):  # in float32: bfloat16 frozen weights plus the adapter, rounded once
+        model = model.to(torch.float32).merge_and_unload()
     model.to(_saved_dtype(source))
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)

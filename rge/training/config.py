@@ -6,11 +6,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import TrainingSetupError
+
 LORA_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "k_proj", "q_proj", "out_proj", "v_proj")
 """The authors' LoRA targets (names matched as module-name suffixes; in Qwen2.5-VL they hit the language
 model's attention and down projections and the vision blocks' down projections)."""
 
 SCHEDULERS = ("linear", "cosine", "constant")
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor")
+"""``optim``: torch's AdamW (two float32 moments), bitsandbytes' AdamW8bit (two 8-bit moments) or
+transformers' Adafactor (a factored second moment, no first): ``optimizers.py``."""
+
+WEIGHTS_DTYPES = ("float32", "bfloat16")
+"""``weights_dtype``: how the weights that do not train are stored (the trained ones stay float32)."""
 
 DEFAULT_TEMPERATURE = 0.02
 """The InfoNCE temperature of the paper's objective (``rge.training.losses``)."""
@@ -90,7 +99,14 @@ class TrainingConfig:
     """Seconds a process waits for the others at a collective (under ``torchrun``) before it fails instead."""
     dtype: str | None = None
     """Precision of the forward passes: bfloat16 autocast on CUDA by default, float32 on CPU; bfloat16 on
-    CPU too, float16 on CUDA only (with a gradient scaler). Weights and optimiser state stay float32."""
+    CPU too, float16 on CUDA only (with a gradient scaler). The trained weights stay float32; the frozen
+    ones are stored in ``weights_dtype``; the optimiser state is ``optim``'s."""
+    optim: str = "adamw"
+    """The optimiser, one of ``OPTIMIZERS``."""
+    weights_dtype: str = "float32"
+    """How the frozen weights are stored, one of ``WEIGHTS_DTYPES``: bfloat16 halves them under LoRA (the
+    adapter and any trained rows stay float32; the passes then compute in bfloat16 unless ``dtype`` is
+    float16). Refused for a full fine-tune, whose weights all train."""
     min_pixels: int | None = None
     max_pixels: int | None = None
     repetition_penalty: float | None = None
@@ -132,8 +148,28 @@ class TrainingConfig:
         _check(bool(self.data), "give at least one data file, or a snapshot folder")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
         self.eval_data = [str(path) for path in self.eval_data]
+        self._check_memory_settings()
         self._check_reporting()
         self._check_evaluation()
+
+    def _check_memory_settings(self) -> None:
+        _check(self.optim in OPTIMIZERS, f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        _check(self.weights_dtype in WEIGHTS_DTYPES,
+               f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {self.weights_dtype!r}")  # fmt: skip
+        if self.weights_dtype == "float32":
+            return
+        if not self.lora:
+            raise TrainingSetupError(
+                "weights_dtype bfloat16 needs LoRA: in a full fine-tune every weight trains, and bfloat16 keeps 8 "
+                "bits of mantissa, so an optimiser update smaller than 1/256 of a weight rounds away and most "
+                "steps would change nothing; train with LoRA (--lora), or keep float32 weights (and a smaller "
+                "optimiser state with --optim adamw_8bit or adafactor)"
+            )
+        if self.dtype is None:  # bfloat16 weights compute in bfloat16 (float32 passes would need float32 weights)
+            self.dtype = "bfloat16"
+        _check(self.dtype in ("bfloat16", "float16"),
+               f"weights_dtype bfloat16 computes in bfloat16 (or float16 on CUDA), not dtype {self.dtype}; "
+               "leave dtype unset, or keep float32 weights")  # fmt: skip
 
     def _check_reporting(self) -> None:
         if self.report_to is None:

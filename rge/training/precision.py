@@ -1,5 +1,6 @@
 """The precision of the training passes: float32, or autocast to bfloat16 (CUDA, CPU) or float16 (CUDA only,
-with a gradient scaler). Weights, gradients and the optimiser state stay float32 in every case.
+with a gradient scaler). The weights that train and their gradients stay float32 in every case (frozen
+weights may be stored in bfloat16 under LoRA: ``lora.py``; the optimiser state is ``optimizers.py``'s).
 
 float16 has a narrow range: small gradients underflow to zero unless the loss is scaled up before the
 backward and the gradients scaled down before the optimiser step (``torch.amp.GradScaler``, which also

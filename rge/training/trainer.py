@@ -16,7 +16,6 @@ import contextlib
 import functools
 import logging
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..bad_rows import ERROR_FILE, BadRow, write_bad_rows
 from ..encoder import RGEEncoder
-from ..errors import TrainingSetupError, require_extra
+from ..errors import TrainingSetupError
 from ..loading import choose_device
 from .base_model import load_training_encoder
 from .batches import DataPosition, epoch_plan, process_slice
@@ -45,7 +44,9 @@ from .config import TrainingConfig
 from .data import TrainingExample, read_training_data
 from .distributed import barrier, init_from_environment, launched_world_size, local_rank, rank, world_size
 from .evaluation import evaluate_retrieval, warn_if_collapsed
+from .lora import require_peft, with_lora
 from .mmeb_train import MMEBTrainStream, read_training_source
+from .optimizers import build_optimizer, check_same_optimizer, require_optimizer
 from .outputs import RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .retention import best_checkpoint, keep_checkpoints
@@ -89,8 +90,7 @@ class Trainer:
             encoder, peft_model = self._load_model(device)
             module = EmbeddingModule(encoder.model)
             wrapped = _distributed(module, device)
-            optimizer = torch.optim.AdamW(trainable(module).values(), lr=config.learning_rate,
-                                          weight_decay=config.weight_decay)  # fmt: skip
+            optimizer = build_optimizer(config, trainable(module).values())
             steps_per_epoch = self._steps_per_epoch(examples)
             total = config.max_steps or config.epochs * steps_per_epoch
             scheduler = _scheduler(config, optimizer, total)
@@ -117,7 +117,8 @@ class Trainer:
 
     def _check_output(self, output: Path) -> Path | None:
         if self.config.lora:  # before the model is loaded
-            require_extra("peft", extra="train", needed_by="LoRA training")
+            require_peft()
+        require_optimizer(self.config)
         require_reporters(self.config.report_to)
         return check_output(output, resume=self.config.resume, overwrite=self.config.overwrite_output_dir)
 
@@ -136,7 +137,7 @@ class Trainer:
         )  # fmt: skip
         model, peft_model = encoder.model, None
         if config.lora:
-            peft_model = _with_lora(model, config)
+            peft_model = with_lora(model, config, emb_id=encoder.checkpoint.emb_token_id if self.emb_added else None)
         else:
             model.requires_grad_(True)
         if config.gradient_checkpointing:
@@ -168,6 +169,7 @@ class Trainer:
         if changes:
             described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
             raise TrainingSetupError(f"cannot resume {path}: these settings changed the data order ({described})")
+        check_same_optimizer(path, saved.settings, self.config)
         restore_checkpoint(path, module, optimizer, scheduler, self.scaler)
         return TrainingState(saved.step, saved.position, self._settings())  # later checkpoints record today's
 
@@ -300,19 +302,6 @@ def _distributed(module: EmbeddingModule, device: torch.device) -> torch.nn.Modu
     ids = [device.index] if device.type == "cuda" else None
     # Text-only batches leave the vision tower unused; DDP must not wait for its gradients.
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
-
-
-def _with_lora(model: Any, config: TrainingConfig) -> Any:
-    peft = require_extra("peft", extra="train", needed_by="LoRA training")
-    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), use_dora=config.dora,
-                      init_lora_weights="gaussian")  # fmt: skip
-    try:
-        with warnings.catch_warnings():  # peft reads a property transformers 5.x deprecated: not the user's doing
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            return peft.get_peft_model(model, lora)
-    except ValueError as error:
-        raise TrainingSetupError(f"LoRA: {error}") from None
 
 
 def _checkpointing(model: Any, *, enable: bool) -> None:

@@ -48,6 +48,15 @@ def held_out_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_batch(tmp_path_factory) -> Path:
+    """Eight rows of one task: with a batch of 8, every step trains on the same batch (its loss falls)."""
+    path = tmp_path_factory.mktemp("one-batch") / "rows.jsonl"
+    rows = [{"query": f"find {c}", "positive": c.upper() * 3, "rationale": f"so {c.upper()}"} for c in "abcdefgh"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_base_path(tmp_path_factory) -> Path:
     """Qwen2.5-VL-Instruct as published, tiny: 4.51.3 files, tied padded vocabulary, no ``<emb>``."""
