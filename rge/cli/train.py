@@ -84,6 +84,8 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--overwrite-output-dir", action="store_true",
                        help="start afresh in an --output an earlier run trained into")  # fmt: skip
     train.add_argument("--no-tensorboard", action="store_true", help="log to log.jsonl only")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients, optimiser state over the processes")  # fmt: skip
     train.add_argument("--ddp-timeout", type=positive_float, default=default["ddp_timeout"], metavar="SECONDS",
                        help="under torchrun: a process waiting this long for the others fails")  # fmt: skip
     train.add_argument("--eval-data", nargs="+", default=[], metavar="FILE",
@@ -134,7 +136,7 @@ def training_config(args: argparse.Namespace) -> Any:
             mix_tasks=args.mix_tasks, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, dora=not args.no_dora, gradient_checkpointing=args.gradient_checkpointing,
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,
-            ddp_timeout=args.ddp_timeout, overwrite_output_dir=args.overwrite_output_dir,
+            fsdp=args.fsdp, ddp_timeout=args.ddp_timeout, overwrite_output_dir=args.overwrite_output_dir,
             dtype=args.dtype, optim=args.optim, weights_dtype=args.weights_dtype, min_pixels=args.min_pixels,
             max_pixels=args.max_pixels, repetition_penalty=args.repetition_penalty, tensorboard=not args.no_tensorboard,
             eval_data=args.eval_data, eval_steps=args.eval_steps, report_to=args.report_to,

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..storage import atomic_write_json, follow_umask
 from .batches import DataPosition
 from .distributed import barrier, rank
 from .random_state import RandomState
+from .sharding import full_optimizer_state, full_weights, is_sharded, load_full_optimizer_state, load_full_weights
 
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.json"
@@ -67,10 +69,11 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier()
     torch.save(RandomState.capture().to_dict(), partial / f"rng-{rank()}.pt")
+    weights, optimizer_state = _saved_states(model, optimizer)
     if rank() == 0:
-        save_file({name: p.detach().cpu().contiguous() for name, p in trainable(model).items()}, partial / WEIGHTS_FILE)
+        save_file(weights, partial / WEIGHTS_FILE)
         follow_umask(partial / WEIGHTS_FILE)
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(optimizer_state, partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         if scaler is not None and scaler.is_enabled():
             torch.save(scaler.state_dict(), partial / SCALER_FILE)
@@ -85,6 +88,16 @@ def save_checkpoint(
     return final
 
 
+def _saved_states(model: torch.nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable weights (full CPU tensors) and the optimiser state a checkpoint holds: gathered from
+    every process's shards for a sharded model (every process calls this), the main process's own else."""
+    if is_sharded(model):
+        return full_weights(model, set(trainable(model))), full_optimizer_state(model, optimizer)
+    if rank() != 0:
+        return {}, {}
+    return {name: p.detach().cpu().contiguous() for name, p in trainable(model).items()}, optimizer.state_dict()
+
+
 def read_state(path: Path) -> TrainingState:
     """A checkpoint's step, data position, the settings it was written with and its evaluation's metrics."""
     saved = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
@@ -96,8 +109,12 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, sched
     """Put what ``save_checkpoint`` wrote back into ``model``, ``optimizer``, ``scheduler``, ``scaler`` (when
     the checkpoint has its state) and the RNGs."""
     restore_weights(path, model)
-    device = next(iter(trainable(model).values())).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    if is_sharded(model):  # the main process reads the full state, every process takes its shard
+        saved = torch.load(path / "optimizer.pt", weights_only=True) if rank() == 0 else {}
+        load_full_optimizer_state(model, optimizer, saved)
+    else:
+        device = next(iter(trainable(model).values())).device
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if scaler is not None and scaler.is_enabled() and (path / SCALER_FILE).is_file():
         scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
@@ -108,12 +125,18 @@ def restore_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, sched
 
 
 def restore_weights(path: Path, model: torch.nn.Module) -> None:
-    """Put a checkpoint's trainable weights back into ``model`` (ValueError: saved for other trainable weights)."""
-    weights = load_file(path / WEIGHTS_FILE)
+    """Put a checkpoint's trainable weights back into ``model`` (ValueError: saved for other trainable weights;
+    every process of a sharded model calls this)."""
     parameters = trainable(model)
-    if set(weights) != set(parameters):
-        differ = sorted(set(weights) ^ set(parameters))[:4]
+    with safe_open(path / WEIGHTS_FILE, framework="pt") as saved:
+        names = set(saved.keys())
+    if names != set(parameters):
+        differ = sorted(names ^ set(parameters))[:4]
         raise ValueError(f"{path} was saved for other trainable weights (LoRA settings changed?): {differ}")
+    if is_sharded(model):
+        load_full_weights(model, load_file(path / WEIGHTS_FILE) if rank() == 0 else {})
+        return
+    weights = load_file(path / WEIGHTS_FILE)
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(weights[name])

@@ -95,6 +95,9 @@ class TrainingConfig:
     overwrite_output_dir: bool = False
     """Start afresh in an ``output`` an earlier run trained into (its checkpoints and log are removed)."""
     device: str | None = None
+    fsdp: bool = False
+    """Full fine-tuning with weights, gradients and optimiser state sharded over the processes ``torchrun``
+    starts (FSDP, ``sharding.py``) instead of a whole copy on each (DDP)."""
     ddp_timeout: float = 1800
     """Seconds a process waits for the others at a collective (under ``torchrun``) before it fails instead."""
     dtype: str | None = None
@@ -147,6 +150,14 @@ class TrainingConfig:
         _check(self.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}")
         _check(bool(self.data), "give at least one data file, or a snapshot folder")
         _check(not (self.resume and self.overwrite_output_dir), "resume and overwrite_output_dir exclude each other")
+        _check(
+            not (self.fsdp and self.lora),
+            "fsdp shards full fine-tuning: LoRA's trainable weights are small, "
+            "train them without --fsdp (each process holds the model, as in the authors' runs)",
+        )
+        _check(not (self.fsdp and self.dtype == "float16"), "fsdp trains in float32 or bfloat16, not float16")
+        _check(not self.fsdp or self.optim == "adamw", "fsdp shards AdamW's state (--optim adamw); "
+               f"{self.optim} does not take sharded weights")  # fmt: skip
         self.eval_data = [str(path) for path in self.eval_data]
         self._check_memory_settings()
         self._check_reporting()

@@ -46,6 +46,15 @@ def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def max_over_processes(values: list[int], device: torch.device) -> list[int]:
+    """Each of ``values`` replaced by its largest value over all processes."""
+    if world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(value) for value in tensor.tolist()]
+
+
 def barrier() -> None:
     """Wait for every process (no-op in one process)."""
     if world_size() > 1:

@@ -45,8 +45,8 @@ def info_nce(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     all_queries = F.normalize(gather_with_grad(queries).float(), dim=-1)
     candidates = [gather_with_grad(positives)]
-    if negatives is not None and negatives.shape[0]:
-        candidates.append(gather_with_grad(negatives))
+    if negatives is not None and (negatives.shape[0] or world_size() > 1):  # every process joins the gather,
+        candidates.append(gather_with_grad(negatives))  # also one whose rows have no hard negative
     all_candidates = F.normalize(torch.cat(candidates).float(), dim=-1)
     logits = all_queries @ all_candidates.T / temperature
     targets = torch.arange(all_queries.shape[0], device=logits.device)

@@ -33,7 +33,7 @@ from ..types import KVCache
 from .collation import TrainingSequence, candidate_sequence, collate_training, query_sequence, unlabelled_sequence
 from .config import DEFAULT_TEMPERATURE
 from .data import Side, TrainingDataError, TrainingExample
-from .distributed import world_size
+from .distributed import max_over_processes, world_size
 from .losses import JointLoss, global_count, info_nce, joint_loss, next_token_loss_sum
 from .random_state import RandomState
 
@@ -182,38 +182,77 @@ def backward_step(
     micro_batch_size: int | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    uniform_passes: bool = False,
 ) -> JointLoss:
     """Back-propagate the step's joint loss into ``module``'s parameters; returns the loss for logging.
 
     ``collate`` turns sequences into a pass on the model's device. ``micro_batch_size`` (None: the whole
     batch at once) bounds the rows of one forward with a graph; ``no_sync`` (DDP's) defers the gradient
     all-reduce to the last micro-batch. ``backward`` runs each backward through the model (float16 runs
-    pass ``lambda loss: scaler.scale(loss).backward()``).
+    pass ``lambda loss: scaler.scale(loss).backward()``). ``uniform_passes`` (sharded models, whose every
+    forward gathers weights with the other processes) makes every process run as many passes as the
+    others: a process short of a pass runs one of its queries in its place, weighted zero.
     """
     device = next(module.parameters()).device
     count = global_count(sum(sequence.labelled for sequence in step.candidates + step.supervision), device)
     largest = max(len(step.queries), len(step.candidates), len(step.supervision))
+    if micro_batch_size is not None and uniform_passes:
+        largest = max_over_processes([largest], device)[0]
     if micro_batch_size is None or micro_batch_size >= largest:
-        lm_sum, queries, candidates = _forward_all(module, step, collate)
+        lm_sum, queries, candidates = _forward_all(module, step, collate, uniform_passes)
         lm = lm_sum / count.clamp(min=1)
         loss = joint_loss(_contrastive(queries, candidates, step, temperature), lm, lm_weight)
         backward(loss.for_backward)
         return loss
-    return _cached_backward(module, step, collate, temperature, lm_weight, micro_batch_size, count, no_sync, backward)
+    chunks = _chunks(step, micro_batch_size, device if uniform_passes else None)
+    return _cached_backward(module, step, collate, temperature, lm_weight, chunks, micro_batch_size, count, no_sync,
+                            backward)  # fmt: skip
 
 
 def _forward_all(
-    module: torch.nn.Module, step: StepBatch, collate: Callable[[Sequence[TrainingSequence]], Pass]
+    module: torch.nn.Module, step: StepBatch, collate: Callable[[Sequence[TrainingSequence]], Pass], uniform: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over all three lists: the summed LM loss, the query and the candidate embeddings."""
-    outputs = module([collate(part) for part in (step.supervision, step.queries, step.candidates) if part])
-    lm_sum = torch.stack([output.lm_sum for output in outputs]).sum()
+    stand_in = uniform and not step.supervision
+    parts = [step.queries[:1] if stand_in else step.supervision, step.queries, step.candidates]
+    outputs = module([collate(part) for part in parts if part])
+    if stand_in:  # in the graph, so that its backward gathers and reduces like the others' supervision pass
+        lm_sum = outputs[0].embeddings.sum() * 0
+        outputs = outputs[1:]
+    else:
+        lm_sum = torch.zeros((), device=outputs[0].embeddings.device)
+    lm_sum = lm_sum + torch.stack([output.lm_sum for output in outputs]).sum()
     return lm_sum, outputs[-2].embeddings, outputs[-1].embeddings
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """A micro-batch of the cached backward: rows ``part * size`` on of list ``name``."""
+
+    name: str
+    part: int
+    sequences: Sequence[TrainingSequence]
+    stand_in: bool = False
+    """A query run in place of a micro-batch another process has and this one lacks (weighted zero)."""
+
+
+def _chunks(step: StepBatch, size: int, device: torch.device | None) -> list[_Chunk]:
+    """The micro-batches of each list, the candidates last (their last one syncs the gradients); with
+    ``device``, as many of each as the process with the most has (stand-ins make up the difference)."""
+    lists = (("supervision", step.supervision), ("queries", step.queries), ("candidates", step.candidates))
+    counts = [-(-len(part) // size) for _, part in lists]
+    if device is not None:
+        counts = max_over_processes(counts, device)
+    chunks = []
+    for (name, part), count in zip(lists, counts):
+        for number in range(count):
+            sequences = part[number * size : (number + 1) * size]
+            chunks.append(_Chunk(name, number, sequences or step.queries[:1], stand_in=not sequences))
+    return chunks
+
+
 def _contrastive(queries: torch.Tensor, candidates: torch.Tensor, step: StepBatch, temperature: float) -> Any:
-    negatives = candidates[step.positives :]
-    return info_nce(queries, candidates[: step.positives], negatives if negatives.shape[0] else None, temperature)
+    return info_nce(queries, candidates[: step.positives], candidates[step.positives :], temperature)
 
 
 def _cached_backward(
@@ -222,22 +261,22 @@ def _cached_backward(
     collate: Callable[[Sequence[TrainingSequence]], Pass],
     temperature: float,
     lm_weight: float,
+    chunks: list[_Chunk],
     size: int,
     count: torch.Tensor,
     no_sync: Callable[[], contextlib.AbstractContextManager[Any]],
     backward: Callable[[torch.Tensor], None],
 ) -> JointLoss:
-    """GradCache: the same gradient as ``_forward_all`` + backward, with at most ``size`` rows per graph."""
-    chunks = [(name, start // size, part[start : start + size]) for name, part in
-              (("supervision", step.supervision), ("queries", step.queries), ("candidates", step.candidates))
-              for start in range(0, len(part), size)]  # fmt: skip  # a candidates chunk is last: it syncs
+    """GradCache: the same gradient as ``_forward_all`` + backward, with one micro-batch per graph."""
     states: list[RandomState | None] = []
     embeddings: dict[str, list[torch.Tensor]] = {"queries": [], "candidates": []}
     with torch.no_grad():
-        for name, _, chunk in chunks:
-            states.append(RandomState.capture() if name in embeddings else None)
-            if name in embeddings:  # the LM branch needs no first pass
-                embeddings[name].append(module([collate(chunk)])[0].embeddings)
+        for chunk in chunks:
+            states.append(RandomState.capture() if chunk.name in embeddings else None)
+            if chunk.name in embeddings:  # the LM branch needs no first pass
+                output = module([collate(chunk.sequences)])[0].embeddings
+                if not chunk.stand_in:
+                    embeddings[chunk.name].append(output)
     after = RandomState.capture()
     queries = torch.cat(embeddings["queries"]).requires_grad_()
     candidates = torch.cat(embeddings["candidates"]).requires_grad_()
@@ -246,14 +285,17 @@ def _cached_backward(
     assert queries.grad is not None and candidates.grad is not None
     grads = {"queries": queries.grad.split(size), "candidates": candidates.grad.split(size)}
     lm_total = torch.zeros((), device=queries.device)
-    for number, ((name, part, chunk), state) in enumerate(zip(chunks, states)):
+    for number, (chunk, state) in enumerate(zip(chunks, states)):
         if state is not None:
             state.restore()
         with no_sync() if number < len(chunks) - 1 else contextlib.nullcontext():
-            output = module([collate(chunk)])[0]
+            output = module([collate(chunk.sequences)])[0]
+            if chunk.stand_in:  # in the graph, so that its backward gathers and reduces like the others'
+                backward(output.embeddings.sum() * 0 + output.lm_sum * 0)
+                continue
             surrogate = world_size() * lm_weight * output.lm_sum / count.clamp(min=1)
-            if name in grads:
-                surrogate = surrogate + (output.embeddings * grads[name][part]).sum()
+            if chunk.name in grads:
+                surrogate = surrogate + (output.embeddings * grads[chunk.name][chunk.part]).sum()
             backward(surrogate)
         lm_total = lm_total + output.lm_sum.detach()
     after.restore()

@@ -50,6 +50,7 @@ from .optimizers import build_optimizer, check_same_optimizer, require_optimizer
 from .outputs import RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .retention import best_checkpoint, keep_checkpoints
+from .sharding import full_weights, gathered, is_sharded, local_value, no_gradient_sync, shard
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 logger = logging.getLogger("rge.training")
@@ -89,7 +90,7 @@ class Trainer:
             torch.manual_seed(config.seed)  # LoRA's initialisation
             encoder, peft_model = self._load_model(device)
             module = EmbeddingModule(encoder.model)
-            wrapped = _distributed(module, device)
+            wrapped = _distributed(module, device, fsdp=config.fsdp)
             optimizer = build_optimizer(config, trainable(module).values())
             steps_per_epoch = self._steps_per_epoch(examples)
             total = config.max_steps or config.epochs * steps_per_epoch
@@ -99,14 +100,9 @@ class Trainer:
             if resume_from is not None:
                 state = self._resume(resume_from, module, optimizer, scheduler)
             self._loop(encoder, module, wrapped, optimizer, scheduler, examples, state, total)
-            if rank() == 0:
-                if config.load_best_model_at_end:
-                    self._load_best(module)
-                if config.gradient_checkpointing:
-                    _checkpointing(encoder.model, enable=False)
-                tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
-                export_model(peft_model or encoder.model, encoder.checkpoint.path, output, tokenizer=tokenizer)
-                report_skipped(output)
+            if config.load_best_model_at_end:
+                self._load_best(module)
+            self._export(encoder, peft_model, module)
             barrier()  # every process leaves together: a rank tearing gloo down alone can leave its peer hanging
             return output
         finally:
@@ -114,6 +110,29 @@ class Trainer:
                 torch.distributed.destroy_process_group()
 
     # ------------------------------------------------------------------ set-up
+
+    def _export(self, encoder: RGEEncoder, peft_model: Any, module: torch.nn.Module) -> None:
+        """The trained model into the output folder, as a checkpoint ``RGEEncoder`` loads (main process)."""
+        config, output = self.config, self.config.output_dir
+        model = peft_model or encoder.model
+        if is_sharded(module):  # the full weights into an unsharded copy the main process loads
+            weights = full_weights(module, {name for name, _ in module.named_parameters()})
+            if rank() != 0:
+                return
+            encoder, _ = load_training_encoder(config.model, device=torch.device("cpu"))
+            model = encoder.model
+            loaded = {name.removeprefix("model."): weight for name, weight in weights.items()}
+            missing = {name for name, _ in model.named_parameters()} - set(loaded)
+            if missing:
+                raise RuntimeError(f"the sharded model's weights lack {sorted(missing)[:4]}")
+            model.load_state_dict(loaded, strict=False)
+        elif rank() != 0:
+            return
+        if config.gradient_checkpointing:
+            _checkpointing(encoder.model, enable=False)
+        tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
+        export_model(model, encoder.checkpoint.path, output, tokenizer=tokenizer)
+        report_skipped(output)
 
     def _check_output(self, output: Path) -> Path | None:
         if self.config.lora:  # before the model is loaded
@@ -190,7 +209,8 @@ class Trainer:
         precision, scaler = self.precision, self.scaler
         assert precision is not None and scaler is not None
         collate = functools.partial(collate_pass, encoder)
-        no_sync = getattr(wrapped, "no_sync", contextlib.nullcontext)
+        no_sync = functools.partial(no_gradient_sync, wrapped) if is_sharded(wrapped) else \
+            getattr(wrapped, "no_sync", contextlib.nullcontext)  # fmt: skip
         parameters = list(trainable(module).values())
 
         def backward(value: torch.Tensor) -> None:  # float16: through the model with the loss scaled up
@@ -203,8 +223,9 @@ class Trainer:
                 logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
             for position, batch, unusable in self._batches(examples, state.position, total - state.step):
                 started = time.perf_counter()
-                step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
-                                        max_negatives=config.max_negatives)  # fmt: skip
+                with gathered(wrapped):  # a sharded model is whole on each process while it generates
+                    step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
+                                            max_negatives=config.max_negatives)  # fmt: skip
                 generated = time.perf_counter()
                 if unusable or step.skipped:  # streamed rows it cannot use, rows that fail when prepared
                     self._report_step_skips([*unusable, *step.skipped], state.step + 1)
@@ -212,7 +233,8 @@ class Trainer:
                 with precision.autocast():
                     loss = backward_step(wrapped, step, collate, temperature=config.temperature,
                                          lm_weight=config.lm_weight, micro_batch_size=config.micro_batch_size,
-                                         no_sync=no_sync, backward=backward)  # fmt: skip
+                                         no_sync=no_sync, backward=backward,
+                                         uniform_passes=is_sharded(wrapped))  # fmt: skip
                 scaler.unscale_(optimizer)  # clipping and the logged norm see the true gradients
                 norm = _clip(parameters, config.max_grad_norm)
                 scale = scaler.get_scale() if precision.scaled else None
@@ -236,12 +258,13 @@ class Trainer:
         config = self.config
         metrics: dict[str, float] = {}
         if config.eval_data and (last or (config.eval_steps and state.step % config.eval_steps == 0)):
-            if rank() == 0:
-                assert self.encoder is not None
-                metrics = evaluate_retrieval(self.encoder, self.eval_examples, batch_size=config.batch_size)
-                log.write_eval(state, metrics)
-                warn_if_collapsed(metrics, state.step)
-            barrier()
+            with gathered(module):
+                if rank() == 0:
+                    assert self.encoder is not None
+                    metrics = evaluate_retrieval(self.encoder, self.eval_examples, batch_size=config.batch_size)
+                    log.write_eval(state, metrics)
+                    warn_if_collapsed(metrics, state.step)
+                barrier()
         if config.save_steps and (last or state.step % config.save_steps == 0):
             evaluated = replace(state, metrics=metrics)
             save_checkpoint(config.output_dir, module, optimizer, scheduler, evaluated, self.scaler)
@@ -255,10 +278,12 @@ class Trainer:
         best = best_checkpoint(config.output_dir, config.metric_for_best_model,
                                greater_is_better=bool(config.greater_is_better))  # fmt: skip
         if best is None:
-            logger.warning("no evaluated checkpoint to load: the model of the last step is saved")
+            if rank() == 0:
+                logger.warning("no evaluated checkpoint to load: the model of the last step is saved")
             return
         restore_weights(best.path, module)
-        logger.info("the trained model is %s's (%s %g)", best.path.name, config.metric_for_best_model, best.value)
+        if rank() == 0:
+            logger.info("the trained model is %s's (%s %g)", best.path.name, config.metric_for_best_model, best.value)
 
     def _report_step_skips(self, skipped: list[BadRow], number: int) -> None:
         path = self.config.output_dir / ERROR_FILE
@@ -294,7 +319,12 @@ def _process_device(device: str | None) -> torch.device:
     return resolved
 
 
-def _distributed(module: EmbeddingModule, device: torch.device) -> torch.nn.Module:
+def _distributed(module: EmbeddingModule, device: torch.device, *, fsdp: bool) -> torch.nn.Module:
+    if fsdp:
+        if world_size() == 1:
+            raise TrainingSetupError("fsdp shards over processes: launch with torchrun --nproc-per-node N (N > 1)")
+        shard(module, module.model)
+        return module
     if world_size() == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
@@ -327,7 +357,7 @@ def _scheduler(config: TrainingConfig, optimizer: Any, total: int) -> Any:
 def _clip(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float | None:
     if max_norm is None:
         return None
-    return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    return float(local_value(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
 
 
 def _step_facts(
