@@ -202,7 +202,7 @@ class Trainer:
             for position, batch, unusable in self._batches(examples, state.position, total - state.step):
                 started = time.perf_counter()
                 step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
-                                        max_negatives=config.max_negatives)  # fmt: skip
+                                        max_negatives=config.max_negatives, reasoning=config.reasoning)  # fmt: skip
                 generated = time.perf_counter()
                 if unusable or step.skipped:  # streamed rows it cannot use, rows that fail when prepared
                     self._report_step_skips([*unusable, *step.skipped], state.step + 1)
