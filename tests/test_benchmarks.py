@@ -142,3 +142,31 @@ def test_startup_benchmark_times_every_command_against_import_torch():
     assert set(rows) == {"python -c pass", "import torch", "import rge", "from rge import RGEEncoder",
                          "rge --version", "rge --help"}  # fmt: skip
     assert float(rows["import torch"][1]) == 1.0 and all(float(seconds) > 0 for seconds, _ in rows.values())
+
+
+def test_reasoning_miniature_trains_both_arms_and_compares_them(tmp_path):
+    """``benchmarks/reasoning_miniature.py`` at a tiny size: both arms train from the base model and are evaluated
+    at each step count; (b) trains on to (a)'s seconds. Which arm wins is what the script measures, not tested."""
+    output = tmp_path / "miniature.json"
+    run_bounded(
+        [sys.executable, str(ROOT / "benchmarks" / "reasoning_miniature.py"), "--steps", "6", "--evals", "2",
+         "--max-new-tokens", "4", "--countries", "3", "--cities-per-country", "2", "--output", str(output)],
+        timeout=SCRIPT_TIMEOUT, check=True, cwd=ROOT,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["task"] == {"people": 12, "cities": 6, "countries": 3, "held_out": 6}
+    a, b = result["arms"]["a"], result["arms"]["b"]
+    assert [row["step"] for row in a["evaluations"]] == [3, 6] and [row["step"] for row in b["evaluations"]][:2] == [
+        3,
+        6,
+    ]
+    for arm in (a, b):
+        assert all(0 <= row["recall@1"] <= 1 and row["seconds"] > 0 for row in arm["evaluations"])
+        first, last = arm["losses"]["contrastive"]
+        assert first > 0 and last > 0
+    assert a["losses"]["lm"][1] < a["losses"]["lm"][0]  # (a) learns to write its rationales
+    assert b["losses"]["loss"] == b["losses"]["contrastive"]  # (b): InfoNCE only
+    assert 0 <= a["held_out_home_rationale_names_city"] <= 1
+    assert [row["steps"] for row in result["equal_steps"]] == [3, 6]
+    assert [row["a_steps"] for row in result["equal_time"]] == [3, 6]
+    assert len(b["evaluations"]) >= len(a["evaluations"])  # (b), faster per step, may train on past (a)'s steps

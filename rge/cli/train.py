@@ -64,6 +64,8 @@ def add_train_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--temperature", type=positive_float, default=default["temperature"],
                        help="InfoNCE temperature")  # fmt: skip
     train.add_argument("--lm-weight", type=float, default=default["lm_weight"], help="weight of the LM loss")
+    train.add_argument("--no-reasoning", action="store_true",
+                       help="queries embed on the candidate path (prompt + <emb>), no rationale generated")  # fmt: skip
     train.add_argument("--max-negatives", type=int, help="hard negatives per example (default: all the row has)")
     train.add_argument("--mix-tasks", action="store_true", help="batches mix tasks (default: one task per batch)")
     train.add_argument(
@@ -132,7 +134,8 @@ def training_config(args: argparse.Namespace) -> Any:
             micro_batch_size=args.micro_batch_size, learning_rate=args.learning_rate,
             weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, scheduler=args.scheduler,
             max_grad_norm=args.max_grad_norm, seed=args.seed, temperature=args.temperature,
-            lm_weight=args.lm_weight, max_new_tokens=args.max_new_tokens, max_negatives=args.max_negatives,
+            lm_weight=args.lm_weight, max_new_tokens=args.max_new_tokens, reasoning=not args.no_reasoning,
+            max_negatives=args.max_negatives,
             mix_tasks=args.mix_tasks, lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
             lora_dropout=args.lora_dropout, dora=not args.no_dora, gradient_checkpointing=args.gradient_checkpointing,
             save_steps=args.save_steps, logging_steps=args.logging_steps, resume=args.resume, device=args.device,

@@ -77,6 +77,10 @@ class TrainingConfig:
     lm_weight: float = 1.0
     max_new_tokens: int = 128
     """Budget of the self-generated rationales (the query path's)."""
+    reasoning: bool = True
+    """Queries write a rationale before ``<emb>`` (the paper's objective); False: they take the candidate path
+    (prompt + ``<emb>``, one forward, nothing generated), which trains a plain embedding model (the paper's
+    ablation without reasoning)."""
     max_negatives: int | None = None
     """Hard negatives used per example (None: all the row has)."""
     mix_tasks: bool = False

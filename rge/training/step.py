@@ -88,8 +88,10 @@ def build_step_batch(
     *,
     max_new_tokens: int,
     max_negatives: int | None = None,
+    reasoning: bool = True,
 ) -> StepBatch:
     """Prompts for ``examples``, the rationales the model generates for them now, and the three lists.
+    Without ``reasoning`` nothing is generated: each query is its prompt + ``<emb>``, the candidate path.
 
     An example that cannot be prepared (an unreadable image, a prompt over ``max_length``) is left out
     of the step and listed in ``StepBatch.skipped``; TrainingDataError when none is left.
@@ -103,7 +105,10 @@ def build_step_batch(
     if not prepared:
         raise TrainingDataError(f"no example of the batch could be prepared: {skipped[0].error}")
     prompts = [example.query for example in prepared]
-    generated = self_generated_rationales(encoder, prompts, max_new_tokens)
+    if reasoning:
+        generated = self_generated_rationales(encoder, prompts, max_new_tokens)
+    else:  # <emb> alone after the prompt: the query embeds as a candidate does
+        generated = [[encoder.checkpoint.emb_token_id] for _ in prompts]
     queries = [
         unlabelled_sequence(TokenizedItem(row, [*prompt.input_ids, *tokens], prompt.image))
         for row, (prompt, tokens) in enumerate(zip(prompts, generated))

@@ -225,7 +225,7 @@ class Trainer:
                 started = time.perf_counter()
                 with gathered(wrapped):  # a sharded model is whole on each process while it generates
                     step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
-                                            max_negatives=config.max_negatives)  # fmt: skip
+                                            max_negatives=config.max_negatives, reasoning=config.reasoning)  # fmt: skip
                 generated = time.perf_counter()
                 if unusable or step.skipped:  # streamed rows it cannot use, rows that fail when prepared
                     self._report_step_skips([*unusable, *step.skipped], state.step + 1)

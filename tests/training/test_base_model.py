@@ -1,11 +1,13 @@
 """Training from the base model: ``rge train`` on a plain Qwen2.5-VL-Instruct checkpoint adds ``<emb>`` (a
 spare padded row, else a resized vocabulary; the mean row; tied heads stay tied, untied ones get their row)
-and saves an RGE checkpoint; an RGE checkpoint is loaded as it is."""
+and saves an RGE checkpoint; an RGE checkpoint is loaded as it is. End to end: a base model trained on an
+MMEB-train snapshot, watched on held-out rows, gives a model ``RGEEncoder`` loads."""
 
 from __future__ import annotations
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,11 @@ from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 from rge import RGEEncoder
 from rge.cli import main
 from rge.errors import RGECheckpointError
-from rge.testing import EMB, build_tiny_checkpoint
+from rge.testing import EMB, build_tiny_checkpoint, make_test_image
 from rge.training import add_emb_row, add_emb_token, load_training_encoder
+from rge.training.config import EVAL_METRICS
+
+from .mmeb_train_fixture import build_mmeb_train_snapshot
 
 CPU = torch.device("cpu")
 
@@ -117,3 +122,33 @@ def test_an_rge_checkpoint_is_loaded_as_it_is(tiny_path, synthetic_data, tmp_pat
     trained = RGEEncoder.from_pretrained(tmp_path / "out", device="cpu")
     assert len(trained.checkpoint.tokenizer) == len(reference.checkpoint.tokenizer)
     assert trained.model.get_input_embeddings().num_embeddings == reference.model.get_input_embeddings().num_embeddings
+
+
+def test_a_base_model_trained_on_an_mmeb_snapshot_and_watched_gives_a_model_rge_loads(
+    tiny_base_path, tmp_path, monkeypatch
+):
+    """The whole route from the base model: ``rge train`` on an MMEB-train snapshot (streamed, rationales
+    joined) with held-out MMEB rows evaluated every 2 steps; the saved model encodes, and the log holds the
+    evaluations at the eval steps."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    data, images, rationales = build_mmeb_train_snapshot(tmp_path)
+    held_out = data / "HatefulMemes" / "original-00000-of-00002.parquet"  # MMEB rows, read as --data reads them
+    output = tmp_path / "out"
+    _train(tiny_base_path, data, output, "--image-root", str(images), "--rationales", str(rationales),
+           "--max-steps", "4", "--eval-data", str(held_out), "--eval-steps", "2")  # fmt: skip
+
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log if "loss" in line] == [1, 2, 3, 4]
+    evaluations = [line for line in log if "eval/rows" in line]
+    assert [line["step"] for line in evaluations] == [2, 4]
+    for line in evaluations:
+        assert set(EVAL_METRICS) <= line.keys() and line["eval/rows"] == 3
+        assert all(np.isfinite(line[name]) for name in EVAL_METRICS)
+        assert 0 <= line["eval/recall@1_reasoning"] <= 1 and 0 <= line["eval/recall@1_no_reasoning"] <= 1
+
+    encoder = RGEEncoder.from_pretrained(output, device="cpu", max_new_tokens=4)
+    query = encoder.encode_query(["Is this meme hateful?"], images=[make_test_image(40, 36, seed=1)])
+    document = encoder.encode_document(["Yes"])
+    for vectors in (query, document):
+        assert vectors.shape == (1, encoder.embedding_dim) and np.isfinite(vectors).all()
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)

@@ -71,6 +71,27 @@ def test_contrastive_branch_embeds_the_self_generated_rationale_as_the_query_pat
     assert step.candidates[4].item.input_ids == encoder.prepare(["a blue circle"], reason=False)[0].input_ids
 
 
+def test_without_reasoning_queries_take_the_candidate_path(encoder):
+    """``reasoning=False`` (``--no-reasoning``): nothing is generated; each query is its prompt + ``<emb>`` and
+    embeds as ``encode(..., reason=False)`` does. The LM and candidate lists are those of a reasoning step."""
+    examples = _examples()
+    step = build_step_batch(encoder, examples, max_new_tokens=BUDGET, reasoning=False)
+    texts = [{"text": e.query.text, **({"image": e.query.image} if e.query.image else {})} for e in examples]
+    expected = encoder.encode(texts, reason=False, show_progress_bar=False)
+    prompts = encoder.prepare(texts, reason=False)
+    assert step.generated == [[encoder.checkpoint.emb_token_id]] * len(examples)
+    assert [sequence.item.input_ids for sequence in step.queries] == [prompt.input_ids for prompt in prompts]
+    assert all(sequence.labelled == 0 for sequence in step.queries)
+    with torch.no_grad():
+        (output,) = EmbeddingModule(encoder.model)([collate_pass(encoder, step.queries)])
+    got = torch.nn.functional.normalize(output.embeddings, dim=-1).numpy()
+    assert np.all(np.sum(got * expected, axis=1) >= 0.9999)
+    reasoning = build_step_batch(encoder, examples, max_new_tokens=BUDGET)
+    for kept in ("supervision", "candidates"):
+        ours, theirs = getattr(step, kept), getattr(reasoning, kept)
+        assert [(s.item.input_ids, s.labelled) for s in ours] == [(s.item.input_ids, s.labelled) for s in theirs]
+
+
 @pytest.fixture
 def trainable_encoder(tiny_path) -> RGEEncoder:
     encoder = RGEEncoder.from_pretrained(tiny_path, device="cpu", min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)

@@ -57,6 +57,21 @@ def test_a_short_run_lifts_held_out_recall_and_saves_a_loadable_model(tiny_path,
     assert (output / "generation_config.json").read_bytes() == (tiny_path / "generation_config.json").read_bytes()
 
 
+def test_no_reasoning_trains_queries_on_the_candidate_path(tiny_path, synthetic_data, tmp_path):
+    """``--no-reasoning``: every step's queries are prompt + ``<emb>`` (one token after the prompt, nothing
+    decoded), where the same run with reasoning writes rationales."""
+    common = ["train", "--model", str(tiny_path), "--data", str(synthetic_data), "--max-steps", "3", "--batch-size",
+              "8", "--max-new-tokens", "4", "--device", "cpu", "--no-tensorboard"]  # fmt: skip
+    assert main([*common, "--output", str(tmp_path / "plain"), "--no-reasoning", "--lm-weight", "0"]) == 0
+    assert main([*common, "--output", str(tmp_path / "reasoning")]) == 0
+    plain, reasoning = ([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+                        for name in ("plain", "reasoning"))  # fmt: skip
+    assert [line["rationale_tokens"] for line in plain] == [1, 1, 1]
+    assert all(line["rationale_tokens"] > 1 for line in reasoning)
+    assert all(line["loss"] == line["contrastive"] for line in plain)  # lm_weight 0: InfoNCE only
+    RGEEncoder.from_pretrained(tmp_path / "plain", device="cpu")
+
+
 _BLOCK_AT_STEP_5 = """
 import sys, time
 import rge.training.trainer as trainer
