@@ -286,6 +286,8 @@ def parse_args() -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps % args.evals:
         parser.error("--steps must be a multiple of --evals")
+    if args.train_rows + args.held_out_rows > 10**args.digits:
+        parser.error(f"--train-rows + --held-out-rows exceeds the {10**args.digits} strings of {args.digits} digits")
     return args
 
 

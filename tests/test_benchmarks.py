@@ -196,3 +196,13 @@ def test_reasoning_miniature_running_sum_task_reports_both_arms_and_the_rational
     assert a["held_out_chain_right"] <= a["held_out_final_sum_right"]  # a right chain ends on the right sum
     assert [row["steps"] for row in result["equal_steps"]] == [3, 6]
     assert [row["a_steps"] for row in result["equal_time"]] == [3, 6]
+
+
+def test_reasoning_miniature_refuses_more_running_sum_rows_than_distinct_strings():
+    """3 digits make 1,000 distinct strings: asking for more rows is an error, not a search that never ends."""
+    result = run_bounded(
+        [sys.executable, str(ROOT / "benchmarks" / "reasoning_miniature.py"), "--task", "running-sum", "--digits", "3",
+         "--train-rows", "900", "--held-out-rows", "101"],
+        timeout=SCRIPT_TIMEOUT, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "exceeds the 1000 strings of 3 digits" in result.stderr
