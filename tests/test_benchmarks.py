@@ -154,7 +154,7 @@ def test_reasoning_miniature_trains_both_arms_and_compares_them(tmp_path):
         timeout=SCRIPT_TIMEOUT, check=True, cwd=ROOT,
     )  # fmt: skip
     result = json.loads(output.read_text())
-    assert result["task"] == {"people": 12, "cities": 6, "countries": 3, "held_out": 6}
+    assert result["task"] == {"name": "two-hop", "people": 12, "cities": 6, "candidates": 3, "held_out": 6}
     a, b = result["arms"]["a"], result["arms"]["b"]
     assert [row["step"] for row in a["evaluations"]] == [3, 6] and [row["step"] for row in b["evaluations"]][:2] == [
         3,
@@ -170,3 +170,39 @@ def test_reasoning_miniature_trains_both_arms_and_compares_them(tmp_path):
     assert [row["steps"] for row in result["equal_steps"]] == [3, 6]
     assert [row["a_steps"] for row in result["equal_time"]] == [3, 6]
     assert len(b["evaluations"]) >= len(a["evaluations"])  # (b), faster per step, may train on past (a)'s steps
+
+
+def test_reasoning_miniature_running_sum_task_reports_both_arms_and_the_rationales(tmp_path):
+    """``--task running-sum`` at a tiny size: held-out digit strings no training row has, both arms evaluated at
+    each step count, and the share of (a)'s rationales whose last partial sum (and whole chain) is right."""
+    output = tmp_path / "running-sum.json"
+    run_bounded(
+        [sys.executable, str(ROOT / "benchmarks" / "reasoning_miniature.py"), "--task", "running-sum", "--steps", "6",
+         "--evals", "2", "--digits", "3", "--train-rows", "40", "--held-out-rows", "8", "--output", str(output)],
+        timeout=SCRIPT_TIMEOUT, check=True, cwd=ROOT,
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["task"] == {"name": "running-sum", "digits": 3, "train_rows": 40, "candidates": 10, "held_out": 8}
+    assert result["settings"]["max_new_tokens"] == 10  # the task's default budget
+    a, b = result["arms"]["a"], result["arms"]["b"]
+    assert [row["step"] for row in a["evaluations"]] == [3, 6] and [row["step"] for row in b["evaluations"]][:2] == [
+        3,
+        6,
+    ]
+    assert all(0 <= row["recall@1"] <= 1 and row["seconds"] > 0 for arm in (a, b) for row in arm["evaluations"])
+    assert b["losses"]["loss"] == b["losses"]["contrastive"]  # (b): InfoNCE only
+    for key in ("held_out_final_sum_right", "held_out_chain_right", "train_final_sum_right", "train_chain_right"):
+        assert 0 <= a[key] <= 1
+    assert a["held_out_chain_right"] <= a["held_out_final_sum_right"]  # a right chain ends on the right sum
+    assert [row["steps"] for row in result["equal_steps"]] == [3, 6]
+    assert [row["a_steps"] for row in result["equal_time"]] == [3, 6]
+
+
+def test_reasoning_miniature_refuses_more_running_sum_rows_than_distinct_strings():
+    """3 digits make 1,000 distinct strings: asking for more rows is an error, not a search that never ends."""
+    result = run_bounded(
+        [sys.executable, str(ROOT / "benchmarks" / "reasoning_miniature.py"), "--task", "running-sum", "--digits", "3",
+         "--train-rows", "900", "--held-out-rows", "101"],
+        timeout=SCRIPT_TIMEOUT, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2 and "exceeds the 1000 strings of 3 digits" in result.stderr
