@@ -46,7 +46,7 @@ from .distributed import barrier, init_from_environment, launched_world_size, lo
 from .evaluation import evaluate_retrieval, warn_if_collapsed
 from .lora import require_peft, with_lora
 from .mmeb_train import MMEBTrainStream, read_training_source
-from .optimizers import build_optimizer, check_same_optimizer, require_optimizer
+from .optimizers import build_optimizer, check_same_optimizer, quiet_bitsandbytes, require_optimizer
 from .outputs import RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .retention import best_checkpoint, keep_checkpoints
@@ -58,7 +58,8 @@ logger = logging.getLogger("rge.training")
 
 def train(config: TrainingConfig, examples: Sequence[TrainingExample] | None = None) -> Path:
     """Run ``config`` (reading its data files unless ``examples`` are given); returns the output folder."""
-    return Trainer(config, examples).train()
+    with quiet_bitsandbytes():  # what the run imports may import it (transformers' scheduler imports peft)
+        return Trainer(config, examples).train()
 
 
 class Trainer:
