@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..loading import transformers_progress_bars
 from .tokenizer import QWEN25_VL_CHAT_TEMPLATE
 
 LEGACY_TRANSFORMERS_VERSION = "4.51.3"
@@ -15,17 +16,11 @@ LEGACY_TRANSFORMERS_VERSION = "4.51.3"
 def save_transformers5(out: Path, model: Any, tokenizer: Any, generation: dict[str, Any] | None) -> None:
     """``save_pretrained`` as transformers 5.x writes it, plus the tokenizer, template and image processor."""
     from transformers import GenerationConfig
-    from transformers.utils import logging
 
     if generation is not None:
         model.generation_config = GenerationConfig(**generation)
-    enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
+    with transformers_progress_bars(show=False):
         model.save_pretrained(out)
-    finally:
-        if enabled:
-            logging.enable_progress_bar()
     if generation is None:
         (out / "generation_config.json").unlink(missing_ok=True)
     tokenizer.save_pretrained(out)

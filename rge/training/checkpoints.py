@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..loading import transformers_progress_bars
 from ..storage import atomic_write_json, follow_umask
 from .batches import DataPosition
 from .distributed import barrier, rank
@@ -154,7 +155,8 @@ def export_model(model: Any, source: Path, output: Path, *, tokenizer: Any = Non
         model = model.to(torch.float32).merge_and_unload()
     model.to(_saved_dtype(source))
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
+    with transformers_progress_bars(show=False):  # a bar for a shard or two, under the run's own bar
+        model.save_pretrained(output)
     for file in source.iterdir():
         if file.is_file() and file.name not in _MODEL_FILES and not file.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copyfile(file, output / file.name)

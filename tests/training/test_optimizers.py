@@ -16,8 +16,6 @@ from rge import RGEEncoder
 from rge.cli import main
 from rge.training import TrainingConfig, train
 
-from ..processes import run_bounded
-
 
 def _config(model, data, output, **settings) -> TrainingConfig:
     options = {"max_steps": 8, "batch_size": 8, "max_new_tokens": 2, "learning_rate": 1e-3, "device": "cpu",
@@ -111,12 +109,3 @@ def test_importing_bitsandbytes_shows_no_line_about_its_4bit_kernel(call):
     code = f"from rge.training.{call}; f(); {after}"
     said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert "gemm_4bit" not in said and "kept" in said, said
-
-
-def test_a_training_run_shows_no_line_about_the_4bit_kernel(tiny_path, one_batch, tmp_path):
-    """Nor does a run, whose scheduler comes from transformers' optimisation module (which imports peft)."""
-    command = [sys.executable, "-m", "rge.cli", "train", "--model", str(tiny_path), "--data", str(one_batch),
-               "--output", str(tmp_path / "out"), "--max-steps", "1", "--max-new-tokens", "2", "--device", "cpu",
-               "--no-tensorboard"]  # fmt: skip
-    said = run_bounded(command, 300, check=True).stderr
-    assert "gemm_4bit" not in said, said

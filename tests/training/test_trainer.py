@@ -306,3 +306,15 @@ def test_a_lora_run_shows_no_deprecation_warning_of_its_libraries(tiny_path, tmp
         warnings.simplefilter("always")  # over the test settings' filters, as a user's interpreter shows them
         train(config)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)] == []
+
+
+def test_a_run_shows_its_own_progress_and_no_library_noise(tiny_path, synthetic_data, tmp_path):
+    """Saving the model does not draw transformers' "Writing model shards" bar under the run's own, and
+    bitsandbytes' line about its 4-bit CPU kernel (transformers' scheduler module imports peft, which imports
+    bitsandbytes when it is installed) is not printed."""
+    command = [sys.executable, "-m", "rge.cli", "train", "--model", str(tiny_path), "--data", str(synthetic_data),
+               "--output", str(tmp_path / "out"), "--max-steps", "1", "--max-new-tokens", "2", "--device", "cpu",
+               "--no-tensorboard"]  # fmt: skip
+    said = run_bounded(command, 300, check=True).stderr
+    assert "training" in said  # the run's bar
+    assert "Writing model shards" not in said and "gemm_4bit" not in said, said
