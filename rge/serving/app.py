@@ -60,7 +60,6 @@ class ServerState:
             encoder = load_encoder()
         except Exception as error:
             self.load_error, self.load_exception = f"{type(error).__name__}: {error}", error
-            logger.error("rge serve: the model failed to load (%s)", self.load_error)
             return
         threads = self.settings.model_threads(encoder.device.type)
         if threads is not None:
@@ -115,8 +114,12 @@ def create_app(
 
     def load() -> None:
         state.load(load_encoder)
-        if state.load_exception is not None and on_load_error is not None:
+        if state.load_exception is None:
+            return
+        if on_load_error is not None:  # it says so its own way (rge serve: one line, as it exits)
             on_load_error(state.load_exception)
+        else:
+            logger.error("rge serve: the model failed to load (%s)", state.load_error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -62,3 +62,5 @@ def test_a_model_that_cannot_load_ends_the_server_with_status_4(tmp_path):
         assert done.returncode == 4, done.stderr
         last = done.stderr.strip().splitlines()[-1]
         assert last.startswith("rge serve: ") and str(model.name) in done.stderr
+        said = [line for line in done.stderr.splitlines() if str(model.name) in line]
+        assert "ERROR" not in done.stderr and said == [last], done.stderr  # said once, as the last line
