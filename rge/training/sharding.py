@@ -41,11 +41,17 @@ _LOADED = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 def shard(module: torch.nn.Module, model: Any) -> None:
     """Split ``module`` (the training module around ``model``) over the process group: a unit per text
     decoder layer, the rest in the root unit."""
-    for layer in model.model.language_model.layers:
+    layers = list(model.model.language_model.layers)
+    for layer in layers:
         fully_shard(layer)
     fully_shard(module)
     assert isinstance(module, FSDPModule)
     module.set_reduce_scatter_unused_params(True)
+    # In the backward, each layer gathers the one before it (the first: the root, gathered already). Named
+    # here, not left to FSDP's default, which takes the unit that ran the forward before it, and that can be
+    # one of the main process's evaluation forwards, which the others did not run.
+    for earlier, layer in zip([module, *layers[:-1]], layers, strict=True):
+        layer.set_modules_to_backward_prefetch([earlier])
     with torch.no_grad():  # FSDP takes the first unit to run a forward for the root: the root runs one, empty,
         module([])  # before generation runs the layers alone
     module.reshard()  # the root keeps its weights gathered after a forward: the optimiser must get the shards
@@ -78,23 +84,6 @@ def gathered(module: torch.nn.Module) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
         for unit in sharded:
             unit.reshard()
-
-
-def no_gradient_sync(module: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
-    """Backwards inside accumulate gradients without reducing them (the last micro-batch reduces)."""
-    if not is_sharded(module):
-        return contextlib.nullcontext()
-    return _deferred_sync(module)
-
-
-@contextlib.contextmanager
-def _deferred_sync(module: torch.nn.Module) -> Iterator[None]:
-    assert isinstance(module, FSDPModule)
-    module.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        module.set_requires_gradient_sync(True)
 
 
 def full_weights(module: torch.nn.Module, names: set[str]) -> dict[str, torch.Tensor]:

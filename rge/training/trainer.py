@@ -50,7 +50,7 @@ from .optimizers import build_optimizer, check_same_optimizer, quiet_bitsandbyte
 from .outputs import RunLog, check_output, report_skipped, require_reporters
 from .precision import Precision, training_precision
 from .retention import best_checkpoint, keep_checkpoints
-from .sharding import full_weights, gathered, is_sharded, local_value, no_gradient_sync, shard
+from .sharding import full_weights, gathered, is_sharded, local_value, shard
 from .step import EmbeddingModule, StepBatch, backward_step, build_step_batch, collate_pass
 
 logger = logging.getLogger("rge.training")
@@ -190,6 +190,9 @@ class Trainer:
             described = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
             raise TrainingSetupError(f"cannot resume {path}: these settings changed the data order ({described})")
         check_same_optimizer(path, saved.settings, self.config)
+        if bool(saved.settings.get("fsdp")) != self.config.fsdp:  # the optimiser state is keyed otherwise
+            flag = "with --fsdp" if saved.settings.get("fsdp") else "without --fsdp"
+            raise TrainingSetupError(f"cannot resume {path}: it was trained {flag}; resume it the same way")
         restore_checkpoint(path, module, optimizer, scheduler, self.scaler)
         return TrainingState(saved.step, saved.position, self._settings())  # later checkpoints record today's
 
@@ -210,8 +213,9 @@ class Trainer:
         precision, scaler = self.precision, self.scaler
         assert precision is not None and scaler is not None
         collate = functools.partial(collate_pass, encoder)
-        no_sync = functools.partial(no_gradient_sync, wrapped) if is_sharded(wrapped) else \
-            getattr(wrapped, "no_sync", contextlib.nullcontext)  # fmt: skip
+        # DDP defers its all-reduce to a step's last micro-batch; FSDP reduces each micro-batch's gradients to
+        # their shards at once, which keeps them sharded (deferring would keep them whole on every process).
+        no_sync = getattr(wrapped, "no_sync", contextlib.nullcontext)
         parameters = list(trainable(module).values())
 
         def backward(value: torch.Tensor) -> None:  # float16: through the model with the loss scaled up
@@ -224,7 +228,7 @@ class Trainer:
                 logging_redirect_tqdm() if shown else contextlib.nullcontext():  # fmt: skip
             for position, batch, unusable in self._batches(examples, state.position, total - state.step):
                 started = time.perf_counter()
-                with gathered(wrapped):  # a sharded model is whole on each process while it generates
+                with gathered(wrapped) if config.reasoning else contextlib.nullcontext():  # whole while it generates
                     step = build_step_batch(encoder, batch, max_new_tokens=config.max_new_tokens,
                                             max_negatives=config.max_negatives, reasoning=config.reasoning)  # fmt: skip
                 generated = time.perf_counter()
@@ -264,17 +268,22 @@ class Trainer:
                     assert self.encoder is not None
                     metrics = evaluate_retrieval(self.encoder, self.eval_examples, batch_size=config.batch_size)
                     log.write_eval(state, metrics)
-                    warn_if_collapsed(metrics, state.step)
+                    if config.reasoning:  # a run without reasoning writes no rationale to collapse
+                        warn_if_collapsed(metrics, state.step)
                 barrier()
         if config.save_steps and (last or state.step % config.save_steps == 0):
             evaluated = replace(state, metrics=metrics)
             save_checkpoint(config.output_dir, module, optimizer, scheduler, evaluated, self.scaler)
             if rank() == 0:
                 keep_checkpoints(config.output_dir, config, self.resumed_from)
+            barrier()  # the others may read the checkpoints next (the best one, at the end): not while they go
 
     def _load_best(self, module: torch.nn.Module) -> None:
-        """The best checkpoint's weights into ``module`` (``load_best_model_at_end``)."""
+        """The best checkpoint's weights into ``module`` (``load_best_model_at_end``): on the main process, which
+        saves the model, and on every process of a sharded one, whose weights they share."""
         config = self.config
+        if rank() != 0 and not is_sharded(module):
+            return
         assert config.metric_for_best_model is not None
         best = best_checkpoint(config.output_dir, config.metric_for_best_model,
                                greater_is_better=bool(config.greater_is_better))  # fmt: skip

@@ -4,6 +4,7 @@ included) without disturbing the training, and warns when the rationales collaps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -86,3 +87,8 @@ def test_rationales_collapsing_to_emb_alone_are_warned_once_per_evaluation(tiny_
     section = re.search(r'see "(.+)" in docs/training\.md', warned[0])
     docs = Path(rge.__file__).resolve().parents[1] / "docs" / "training.md"
     assert section and f"### {section[1].replace('<emb>', '`<emb>`')}\n" in docs.read_text()
+    # A run without reasoning writes no rationale: its evaluation measures the same collapse, and says nothing.
+    caplog.clear()
+    train(dataclasses.replace(config, output=str(tmp_path / "plain"), reasoning=False))
+    assert _log(tmp_path / "plain")[1][-1]["eval/emb_only_share"] == 1
+    assert not [r for r in caplog.records if "collapsed" in r.getMessage()]

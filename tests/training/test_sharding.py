@@ -17,7 +17,7 @@ from rge import RGEEncoder
 from rge.cli import main
 
 from .conftest import document_text, query_text, synthetic_split
-from .test_trainer import _torchrun
+from .test_trainer import _rank_output, _torchrun
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +50,35 @@ def _log(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("micro_batch", [None, 1], ids=["whole-batch", "cached-gradients"])
-def test_sharded_processes_train_like_whole_copies(tiny_path, uneven_data, tmp_path, micro_batch):
-    options = [*_options(tiny_path, uneven_data), "--max-steps", "3"]
+VARIANTS = {
+    "whole-batch": [],
+    "cached-gradients": ["--micro-batch-size", "1"],
+    # The main process evaluates (forwards the others do not run) between steps, and the best checkpoint is
+    # loaded at the end, while the main process deletes the others.
+    "evaluated-without-reasoning": ["--no-reasoning", "--eval-steps", "1", "--save-steps", "1", "--save-total-limit",
+                                    "1", "--metric-for-best-model", "eval/ndcg@10_no_reasoning",
+                                    "--load-best-model-at-end"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sharded_processes_train_like_whole_copies(tiny_path, uneven_data, held_out_data, tmp_path, variant):
+    options = [*_options(tiny_path, uneven_data), "--max-steps", "3", *VARIANTS[variant]]
+    if variant.startswith("evaluated"):
+        options += ["--eval-data", str(held_out_data)]
     one = [*_options(tiny_path, uneven_data, batch_size=4)[2:], "--max-steps", "3"]
-    if micro_batch:
-        options += ["--micro-batch-size", str(micro_batch)]
     _torchrun([*options, "--fsdp", "--output", str(tmp_path / "fsdp")], tmp_path / "fsdp-ranks")
     _torchrun([*options, "--output", str(tmp_path / "ddp")], tmp_path / "ddp-ranks")
-    if not micro_batch:  # and whole copies train like one process on the whole batch (every process joins the
+    if variant == "whole-batch":  # and whole copies train like one process on the whole batch (every process joins the
         # gather of hard negatives, also one whose rows have none)
         assert main([*one, "--output", str(tmp_path / "one")]) == 0
         for alone, whole in zip(_log(tmp_path / "one"), _log(tmp_path / "ddp"), strict=True):
             assert alone["loss"] == pytest.approx(whole["loss"], rel=1e-4), alone["step"]
     for sharded, whole in zip(_log(tmp_path / "fsdp"), _log(tmp_path / "ddp"), strict=True):
-        for key in ("loss", "contrastive", "lm", "grad_norm"):
-            assert sharded[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), (sharded["step"], key)
+        assert sharded.keys() == whole.keys(), sharded["step"]
+        for key in ("loss", "contrastive", "lm", "grad_norm", "eval/ndcg@10_no_reasoning"):
+            if key in whole:
+                assert sharded[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), (sharded["step"], key)
     sharded, whole = (load_file(tmp_path / name / "model.safetensors") for name in ("fsdp", "ddp"))
     assert set(sharded) == set(whole)
     differences = torch.cat([(sharded[name] - whole[name]).abs().flatten() for name in whole])
@@ -87,6 +100,14 @@ def test_a_sharded_run_resumes_to_the_uninterrupted_weights(tiny_path, uneven_da
     straight, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed"))
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_run_resumes_only_as_it_was_sharded(tiny_path, uneven_data, tmp_path):
+    options = [*_options(tiny_path, uneven_data), "--save-steps", "1", "--output", str(tmp_path / "out")]
+    _torchrun([*options, "--max-steps", "1"], tmp_path / "ranks-1")
+    result = _torchrun([*options, "--max-steps", "2", "--resume", "--fsdp"], tmp_path / "ranks-2", check=False)
+    assert result.returncode != 0
+    assert "trained without --fsdp; resume it the same way" in _rank_output(tmp_path / "ranks-2")
 
 
 def test_sharding_is_refused_where_it_cannot_run(tiny_path, synthetic_data, tmp_path, capsys):
