@@ -221,18 +221,16 @@ def _forward_all(
     stand_in = uniform and not step.supervision
     parts = [step.queries[:1] if stand_in else step.supervision, step.queries, step.candidates]
     outputs = module([collate(part) for part in parts if part])
-    if stand_in:  # in the graph, so that its backward gathers and reduces like the others' supervision pass
-        lm_sum = outputs[0].embeddings.sum() * 0
-        outputs = outputs[1:]
-    else:
-        lm_sum = torch.zeros((), device=outputs[0].embeddings.device)
-    lm_sum = lm_sum + torch.stack([output.lm_sum for output in outputs]).sum()
+    # A stand-in stays in the graph, weighted zero, so that its backward gathers and reduces like the others'
+    # supervision pass.
+    stand_in_term = outputs.pop(0).embeddings.sum() * 0 if stand_in else 0
+    lm_sum = torch.stack([output.lm_sum for output in outputs]).sum() + stand_in_term
     return lm_sum, outputs[-2].embeddings, outputs[-1].embeddings
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """A micro-batch of the cached backward: rows ``part * size`` on of list ``name``."""
+    """A micro-batch of the cached backward: the ``part``-th ``size`` rows of list ``name``."""
 
     name: str
     part: int
@@ -296,7 +294,7 @@ def _cached_backward(
         with no_sync() if number < len(chunks) - 1 else contextlib.nullcontext():
             output = module([collate(chunk.sequences)])[0]
             if chunk.stand_in:  # in the graph, so that its backward gathers and reduces like the others'
-                backward(output.embeddings.sum() * 0 + output.lm_sum * 0)
+                backward(output.embeddings.sum() * 0)  # (its lm_sum is a constant 0: a query has no label)
                 continue
             surrogate = world_size() * lm_weight * output.lm_sum / count.clamp(min=1)
             if chunk.name in grads:

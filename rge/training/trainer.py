@@ -129,7 +129,7 @@ class Trainer:
             model.load_state_dict(loaded, strict=False)
         elif rank() != 0:
             return
-        if config.gradient_checkpointing:
+        elif config.gradient_checkpointing:  # (a sharded run's copy never had it)
             _checkpointing(encoder.model, enable=False)
         tokenizer = encoder.checkpoint.tokenizer if self.emb_added else None
         export_model(model, encoder.checkpoint.path, output, tokenizer=tokenizer)

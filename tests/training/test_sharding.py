@@ -22,18 +22,19 @@ from .test_trainer import _rank_output, _torchrun
 
 @pytest.fixture(scope="module")
 def uneven_data(tmp_path_factory, image_paths) -> Path:
-    """Letter rows where a rationale, a hard negative and a query image come and go, so that in a batch of
-    two processes one often has a pass (supervision, a second candidate micro-batch, the vision tower) the
-    other lacks."""
+    """Letter rows in tasks of four (a batch of two processes holds one task: each process two rows), where
+    one row has a rationale, another hard negatives, a third a query image: at every step one process has a
+    pass (supervision, a second candidate micro-batch, the vision tower) the other lacks."""
     path = tmp_path_factory.mktemp("uneven") / "letters.jsonl"
     rows = []
     for number, combo in enumerate(synthetic_split()[0][:24]):
-        row: dict[str, object] = {"query": query_text(combo), "positive": document_text(combo)}
-        if number % 3:
-            row["rationale"] = "so " + document_text(combo)
+        row: dict[str, object] = {"query": query_text(combo), "positive": document_text(combo),
+                                  "task": f"letters-{number // 4}"}  # fmt: skip
         if number % 4 == 0:
+            row["rationale"] = "so " + document_text(combo)
+        if number % 4 == 1:
             row["negatives"] = [document_text(combo[::-1]), document_text(combo[1:])]
-        if number % 5 == 0:
+        if number % 4 == 2:
             row["query_image"] = image_paths[number % 2]
         rows.append(row)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
