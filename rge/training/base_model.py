@@ -64,6 +64,12 @@ def add_emb_token(tokenizer: Any) -> int:
     return int(tokenizer.convert_tokens_to_ids(EMB_TOKEN))
 
 
+def untied_head(model: Any) -> Any | None:
+    """``model``'s output head when it has a weight of its own; None when it shares the input embeddings'."""
+    head = model.get_output_embeddings()
+    return None if head is None or head.weight is model.get_input_embeddings().weight else head
+
+
 def add_emb_row(model: Any, emb_id: int, *, known_tokens: int) -> None:
     """Give ``emb_id`` its embedding row in ``model``: a spare padded row, else a resized vocabulary, set to
     the mean of the first ``known_tokens`` rows (the tokenizer's tokens) in every embedding matrix."""
@@ -71,8 +77,8 @@ def add_emb_row(model: Any, emb_id: int, *, known_tokens: int) -> None:
         # mean_resizing=False: the padding rows keep transformers' initialisation, <emb>'s is set below.
         model.resize_token_embeddings(emb_id + 1, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=False)
     matrices = [model.get_input_embeddings().weight]
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is not matrices[0]:  # an untied head has a row of its own
+    head = untied_head(model)
+    if head is not None:  # an untied head has a row of its own
         matrices.append(head.weight)
     with torch.no_grad():
         for weight in matrices:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import TrainingSetupError, require_extra
+from .base_model import untied_head
 from .config import TrainingConfig
 from .optimizers import quiet_bitsandbytes
 
@@ -60,7 +61,6 @@ def store_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def _trained_rows(model: Any, emb_id: int) -> list[int] | dict[str, list[int]]:
     """``trainable_token_indices`` for ``emb_id``: the input embeddings' row (a tied head follows it), and
     the head's own row when it is not tied."""
-    head = model.get_output_embeddings()
-    if head is None or head.weight is model.get_input_embeddings().weight:
+    if untied_head(model) is None:
         return [emb_id]
     return {"embed_tokens": [emb_id], "lm_head": [emb_id]}
